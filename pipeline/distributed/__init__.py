@@ -1,0 +1,1 @@
+"""Running the learner on Ray: Train workers, checkpoints, job submission."""

@@ -1,0 +1,269 @@
+"""One iteration of Algorithm 1 (alternating back-propagation with an energy critic).
+
+    Step 1  critic:     Z^ ~ N(0, I), Y^ = g(Z^);  Phi -= lr * d/dPhi [ mean f(Y) - mean f(Y^) ]     (Eq. 21)
+    Step 2  inference:  Z_i <- l_G Langevin steps from the persistent Z_i                           (Eq. 13-14)
+    Step 3  generator:  Theta -= lr * d/dTheta [ mean ||Y - g(Z)||^2 / (2 sigma^2)                  (Eq. 15)
+                                                  + critic_weight * mean f(g(Z^)) ]                  (Eq. 20)
+
+Eq. 20 uses Z^ from the prior (it approximates an expectation over p(Z), Eq. 19), the same Z^ as Step 1.
+Step 3 runs g once on [Z ; Z^] so DDP sees a single forward and backward per step. The critic is used
+unwrapped in Step 3 with its parameters frozen: only Theta receives gradients there.
+
+``critic_weight = 0`` is pure ABP: Step 1 is skipped and no critic is built or synchronised.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from pipeline.config import Config
+from pipeline.learning.langevin import frozen_parameters, langevin_infer
+from pipeline.learning.latent_bank import LatentBank
+from pipeline.model.sparsity import scheduled_k
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The plain module behind a DistributedDataParallel wrapper."""
+    return getattr(module, "module", module)
+
+
+def resolve_device(cfg: Config) -> torch.device:
+    if cfg.training.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(cfg.training.device)
+
+
+def autocast_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast on CUDA (precision auto or bf16); fp32 elsewhere."""
+    if cfg.training.precision == "fp32":
+        return None
+    if cfg.training.precision == "bf16" or device.type == "cuda":
+        return torch.bfloat16
+    return None
+
+
+@dataclass
+class StepMetrics:
+    generator_loss: torch.Tensor
+    reconstruction_loss: torch.Tensor  # ||Y - g(Z)||^2 / (2 sigma^2), mean over the batch
+    reconstruction_mse: torch.Tensor  # per pixel, images in [-1, 1]
+    critic_loss: torch.Tensor
+    energy_observed: torch.Tensor  # mean f(Y)
+    energy_synthesized: torch.Tensor  # mean f(g(Z^))
+    langevin_grad_norm: torch.Tensor
+    langevin_energy_start: torch.Tensor
+    langevin_energy_end: torch.Tensor
+    langevin_step_size: float
+    batch_size: int
+
+    def as_floats(self) -> dict[str, float]:
+        """One host sync for all metrics of the step."""
+        names = [n for n in self.__dataclass_fields__ if isinstance(getattr(self, n), torch.Tensor)]
+        values = torch.stack([getattr(self, n).detach().float().reshape(()) for n in names]).cpu().tolist()
+        out = dict(zip(names, values))
+        out["langevin_step_size"] = self.langevin_step_size
+        out["batch_size"] = float(self.batch_size)
+        return out
+
+
+class ABPLearner:
+    """Holds the models, optimisers and RNG of Algorithm 1 and runs one iteration per ``step``."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        generator: nn.Module,
+        critic: nn.Module | None,
+        bank: LatentBank,
+        device: torch.device,
+    ):
+        self.cfg = cfg
+        self.generator = generator
+        self.critic = critic if cfg.training.critic_weight > 0 else None
+        self.bank = bank
+        self.device = device
+        self.autocast_dtype = autocast_dtype(cfg, device)
+        t = cfg.training
+        self.generator_optimizer = torch.optim.Adam(
+            unwrap(generator).parameters(), lr=t.generator_lr, betas=tuple(t.generator_betas)
+        )
+        self.critic_optimizer = (
+            torch.optim.Adam(unwrap(self.critic).parameters(), lr=t.critic_lr, betas=tuple(t.critic_betas))
+            if self.critic is not None
+            else None
+        )
+        # The noise of Langevin and the prior samples Z^ come from this generator, so a run is
+        # reproducible from (seed, rank) and the RNG state can be checkpointed.
+        self.rng = torch.Generator(device=device)
+        self.rng.manual_seed(t.seed)
+        self.step_count = 0
+        self.target_k = {name: cfg.resolved_k(name) for name in cfg.layer_names()}
+        self.extents = {name: cfg.layer_extent(name) for name in cfg.layer_names()}
+
+    # -- helpers ----------------------------------------------------------------------------------
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+    def current_k(self, epoch: float) -> dict[str, int | None]:
+        s = self.cfg.sparsity_schedule
+        return scheduled_k(self.target_k, self.extents, s.kind, epoch, s.dense_epochs, s.anneal_epochs)
+
+    def set_epoch(self, epoch: float) -> dict[str, int | None]:
+        """Apply the sparsity schedule and the per-epoch learning-rate decay for progress ``epoch``."""
+        k = self.current_k(epoch)
+        unwrap(self.generator).set_sparsity(k)
+        decay = self.cfg.training.lr_decay_per_epoch ** int(epoch)
+        for group in self.generator_optimizer.param_groups:
+            group["lr"] = self.cfg.training.generator_lr * decay
+        if self.critic_optimizer is not None:
+            for group in self.critic_optimizer.param_groups:
+                group["lr"] = self.cfg.training.critic_lr * decay
+        return k
+
+    def sample_prior(self, n: int) -> torch.Tensor:
+        return torch.randn(n, self.cfg.model.latent_dim, generator=self.rng, device=self.device)
+
+    # -- Algorithm 1 ------------------------------------------------------------------------------
+    def step(self, indices: torch.Tensor, images: torch.Tensor) -> StepMetrics:
+        cfg = self.cfg
+        images = images.to(self.device, non_blocking=True)
+        batch = images.shape[0]
+        generator_module = unwrap(self.generator)
+        z_prior = self.sample_prior(batch)
+
+        # Step 1: critic update (Eq. 21) on observed vs g(Z^).
+        zero = torch.zeros((), device=self.device)
+        critic_loss = energy_observed = energy_synthesized = zero
+        if self.critic is not None:
+            with torch.no_grad(), self._autocast():
+                synthesized = generator_module(z_prior)
+            with self._autocast():
+                energies = self.critic(torch.cat([images, synthesized.to(images.dtype)])).float()
+            energy_observed, energy_synthesized = energies[:batch].mean(), energies[batch:].mean()
+            critic_loss = energy_observed - energy_synthesized
+            self.critic_optimizer.zero_grad(set_to_none=True)
+            critic_loss.backward()
+            self.critic_optimizer.step()
+
+        # Step 2: Langevin inference of the batch's persistent latents (Eq. 13-14).
+        lv = cfg.langevin
+        z_start = self.bank.gather(indices, self.device)
+        inferred = langevin_infer(
+            generator_module,
+            z_start,
+            images,
+            steps=lv.steps,
+            step_size=lv.step_size,
+            noise_sigma=lv.noise_sigma,
+            on_divergence=lv.on_divergence,
+            max_backoffs=lv.max_backoffs,
+            grad_clip_norm=lv.grad_clip_norm,
+            generator_rng=self.rng,
+            autocast_dtype=self.autocast_dtype,
+        )
+        self.bank.scatter(indices, inferred.z)
+
+        # Step 3: generator update (Eq. 15 + critic_weight * Eq. 20), one forward over [Z ; Z^].
+        use_critic = self.critic is not None
+        z_all = torch.cat([inferred.z, z_prior]) if use_critic else inferred.z
+        with self._autocast():
+            generated = self.generator(z_all).float()
+        reconstruction = generated[:batch]
+        squared_error = (images - reconstruction).flatten(1).pow(2).sum(1)
+        reconstruction_loss = squared_error.mean() / (2 * lv.noise_sigma**2)
+        generator_loss = reconstruction_loss
+        if use_critic:
+            critic_module = unwrap(self.critic)
+            with frozen_parameters(critic_module), self._autocast():
+                critic_term = critic_module(generated[batch:]).float().mean()
+            generator_loss = generator_loss + cfg.training.critic_weight * critic_term
+        self.generator_optimizer.zero_grad(set_to_none=True)
+        generator_loss.backward()
+        self.generator_optimizer.step()
+        self.step_count += 1
+
+        return StepMetrics(
+            generator_loss=generator_loss.detach(),
+            reconstruction_loss=reconstruction_loss.detach(),
+            reconstruction_mse=(squared_error.detach().mean() / reconstruction[0].numel()),
+            critic_loss=critic_loss.detach(),
+            energy_observed=energy_observed.detach(),
+            energy_synthesized=energy_synthesized.detach(),
+            langevin_grad_norm=inferred.grad_norm,
+            langevin_energy_start=inferred.energy_start,
+            langevin_energy_end=inferred.energy_end,
+            langevin_step_size=inferred.step_size,
+            batch_size=batch,
+        )
+
+    # -- state for checkpoints ------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        state = {
+            "generator": unwrap(self.generator).state_dict(),
+            "generator_optimizer": self.generator_optimizer.state_dict(),
+            "step": self.step_count,
+            "rng": self.rng.get_state(),
+        }
+        if self.critic is not None:
+            state["critic"] = unwrap(self.critic).state_dict()
+            state["critic_optimizer"] = self.critic_optimizer.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        unwrap(self.generator).load_state_dict(state["generator"])
+        self.generator_optimizer.load_state_dict(state["generator_optimizer"])
+        if self.critic is not None and "critic" in state:
+            unwrap(self.critic).load_state_dict(state["critic"])
+            self.critic_optimizer.load_state_dict(state["critic_optimizer"])
+        self.step_count = int(state["step"])
+        self.rng.set_state(state["rng"].cpu() if hasattr(state["rng"], "cpu") else state["rng"])
+
+
+def infer_latents(
+    generator: nn.Module,
+    images: torch.Tensor,
+    cfg: Config,
+    *,
+    steps: int | None = None,
+    seed: int = 0,
+) -> torch.Tensor:
+    """Reconstruction of unseen images: Langevin from the prior N(0, I) (no persistent Z)."""
+    device = next(unwrap(generator).parameters()).device
+    rng = torch.Generator(device=device).manual_seed(seed)
+    z0 = torch.randn(images.shape[0], cfg.model.latent_dim, generator=rng, device=device)
+    lv = cfg.langevin
+    result = langevin_infer(
+        unwrap(generator),
+        z0,
+        images.to(device),
+        steps=steps or lv.steps,
+        step_size=lv.step_size,
+        noise_sigma=lv.noise_sigma,
+        on_divergence=lv.on_divergence,
+        max_backoffs=lv.max_backoffs,
+        grad_clip_norm=lv.grad_clip_norm,
+        generator_rng=rng,
+    )
+    return result.z
+
+
+@torch.no_grad()
+def reconstruct(generator: nn.Module, images: torch.Tensor, cfg: Config, *, steps: int | None = None, seed: int = 0):
+    """(latents, reconstructed images) for unseen images."""
+    z = infer_latents(generator, images, cfg, steps=steps, seed=seed)
+    return z, unwrap(generator)(z)
+
+
+@torch.no_grad()
+def generate(generator: nn.Module, n: int, cfg: Config, *, seed: int = 0) -> torch.Tensor:
+    """n images from Z ~ N(0, I)."""
+    device = next(unwrap(generator).parameters()).device
+    rng = torch.Generator(device=device).manual_seed(seed)
+    z = torch.randn(n, cfg.model.latent_dim, generator=rng, device=device)
+    return unwrap(generator)(z)

@@ -1,0 +1,262 @@
+"""The sparse AND-OR generator and the energy-based critic (Table 1 of the paper).
+
+Generator (64x64, ``paper64``)::
+
+    Z (100) -> FC -> 4x4x3200, ReLU, channel top-k (k=8)                       layer "fc4"
+    -> up x2 -> conv 512, ReLU -> conv 512, ReLU, spatial top-k (k=16)         layer "conv8"
+    -> up x2 -> conv 256, ReLU -> conv 256, ReLU, spatial top-k (k=64)         layer "conv16"
+    -> up x2 -> conv 128, ReLU -> conv 128, ReLU, spatial top-k (k=256)        layer "conv32"
+    -> up x2 -> conv 64,  ReLU -> conv 64,  ReLU (dense)                       layer "conv64"
+    -> conv 3, tanh
+
+Every sparsifiable layer's post-sparsity tensor is returned by ``forward(z, return_activations=True)``.
+Because all non-linearities are ReLU masks and top-k masks, fixing the masks of one forward pass makes
+the rest of the network linear in any layer's activation: ``propagate`` re-runs the network from a layer
+with fixed masks, which is how basis functions (one unit alone, Fig. 1) are drawn.
+
+Critic f(Y; Phi) (Sec. 3.4): conv 64 -> [avgpool, conv 64 x2] -> [avgpool, conv 128 x2] ->
+[avgpool, conv 256 x2] -> [avgpool, conv 512 x2] -> FC 1, LeakyReLU(0.2). Its model is
+P(Y) ~ exp(-f(Y)) q(Y) with q = N(0, s^2 I) (Eq. 16-17); ``energy`` adds the reference term.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.config import Config
+from pipeline.model.sparsity import channel_topk, spatial_topk
+
+
+class ScaledLinear(nn.Module):
+    """Linear layer with optional equalized-learning-rate scaling (weights N(0,1), scaled at run time)."""
+
+    def __init__(self, in_features: int, out_features: int, equalized: bool, gain: float = math.sqrt(2)):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.bias = nn.Parameter(torch.zeros(out_features))
+        self.scale = gain / math.sqrt(in_features) if equalized else 1.0
+        if equalized:
+            nn.init.normal_(self.weight)
+        else:
+            nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+
+    def forward(self, x: torch.Tensor, use_bias: bool = True) -> torch.Tensor:
+        return F.linear(x, self.weight * self.scale, self.bias if use_bias else None)
+
+
+class ScaledConv2d(nn.Module):
+    """3x3 same-padding convolution with optional equalized-learning-rate scaling."""
+
+    def __init__(self, in_channels: int, out_channels: int, equalized: bool, gain: float = math.sqrt(2)):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, 3, 3))
+        self.bias = nn.Parameter(torch.zeros(out_channels))
+        self.scale = gain / math.sqrt(in_channels * 9) if equalized else 1.0
+        if equalized:
+            nn.init.normal_(self.weight)
+        else:
+            nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+
+    def forward(self, x: torch.Tensor, use_bias: bool = True) -> torch.Tensor:
+        weight = self.weight if self.scale == 1.0 else self.weight * self.scale
+        return F.conv2d(x, weight, self.bias if use_bias else None, padding=1)
+
+
+class SparseGenerator(nn.Module):
+    """g(Z; Theta, k): the generator of Eq. 7 with top-k sparsity after the activation of each layer."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        m = cfg.model
+        equalized = m.weight_scaling == "equalized"
+        self.latent_dim = m.latent_dim
+        self.resolution = m.resolution
+        self.first_layer = m.first_layer
+        self.fc_channels = m.fc_channels
+        self.cell_channels = m.cell_channels
+        self.ties = m.sparsity_ties
+        self.layer_names = cfg.layer_names()
+        fc_out = 16 * (m.cell_channels if m.first_layer == "cells" else m.fc_channels)
+        self.fc = ScaledLinear(m.latent_dim, fc_out, equalized)
+        blocks = []
+        in_channels = m.fc_channels
+        for width in m.widths:
+            convs = []
+            for _ in range(m.convs_per_block):
+                convs.append(ScaledConv2d(in_channels, width, equalized))
+                in_channels = width
+            blocks.append(nn.ModuleList(convs))
+        self.blocks = nn.ModuleList(blocks)
+        self.to_rgb = ScaledConv2d(in_channels, 3, equalized, gain=1.0)
+        self.k: dict[str, int | None] = {}
+        self.set_sparsity({name: cfg.resolved_k(name) for name in self.layer_names})
+
+    def set_sparsity(self, k: dict[str, int | None]) -> None:
+        """Set the current k per layer (the sparsity schedule calls this as training progresses)."""
+        self.k = {name: k.get(name) for name in self.layer_names}
+
+    # -- forward ----------------------------------------------------------------------------------
+    def _first_layer(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """FC -> 4x4 map, ReLU, channel top-k. Returns the sparse map and its combined (ReLU * top-k) mask."""
+        b = z.shape[0]
+        pre = self.fc(z)
+        if self.first_layer == "cells":
+            # 3200 = cell_channels x 16 cells: cell p's value of slot v goes to channel v*16 + p at cell p,
+            # the other 15 slots at that cell stay zero; top-k over the cell_channels of each cell.
+            cells = F.relu(pre.view(b, self.cell_channels, 16, 1, 1))
+            cells, mask = channel_topk(cells, self.k["fc4"], self.ties)
+            active = (cells > 0) if mask is None else (mask > 0) & (cells > 0)
+            values = torch.diag_embed(cells.view(b, self.cell_channels, 16))  # (b, v, slot, cell)
+            sparse = values.reshape(b, self.fc_channels, 4, 4)
+            full_mask = torch.diag_embed(active.view(b, self.cell_channels, 16).to(pre.dtype))
+            return sparse, full_mask.reshape(b, self.fc_channels, 4, 4)
+        x = F.relu(pre.view(b, self.fc_channels, 4, 4))
+        sparse, mask = channel_topk(x, self.k["fc4"], self.ties)
+        relu_mask = (x > 0).to(x.dtype)
+        return sparse, relu_mask if mask is None else relu_mask * mask
+
+    def forward(
+        self, z: torch.Tensor, return_activations: bool = False, return_masks: bool = False
+    ):
+        """Images in [-1, 1], (B, 3, R, R). With ``return_activations``: (images, OrderedDict layer ->
+        post-sparsity activation). With ``return_masks`` also the dict of combined ReLU/top-k masks that
+        ``propagate`` needs (keys "fc4" and "blockI.convJ")."""
+        activations: OrderedDict[str, torch.Tensor] = OrderedDict()
+        masks: dict[str, torch.Tensor] = {}
+        x, mask = self._first_layer(z)
+        activations["fc4"] = x
+        if return_masks:
+            masks["fc4"] = mask
+        for block_index, convs in enumerate(self.blocks):
+            x = F.interpolate(x, scale_factor=2, mode="nearest")
+            for conv_index, conv in enumerate(convs):
+                pre = conv(x)
+                x = F.relu(pre)
+                last = conv_index == len(convs) - 1
+                topk = None
+                if last:
+                    x, topk = spatial_topk(x, self.k[self.layer_names[block_index + 1]], self.ties)
+                if return_masks:
+                    relu_mask = (pre > 0).to(pre.dtype)
+                    masks[f"block{block_index}.conv{conv_index}"] = relu_mask if topk is None else relu_mask * topk
+            activations[self.layer_names[block_index + 1]] = x
+        images = torch.tanh(self.to_rgb(x))
+        if return_masks:
+            return images, activations, masks
+        if return_activations:
+            return images, activations
+        return images
+
+    def propagate(
+        self,
+        layer: str,
+        activation: torch.Tensor,
+        masks: dict[str, torch.Tensor],
+        use_bias: bool = False,
+        apply_tanh: bool = False,
+    ) -> torch.Tensor:
+        """Run the network from the output of ``layer`` with the ReLU/top-k masks of an earlier forward pass
+        held fixed. With ``use_bias=False`` and ``apply_tanh=False`` the map is linear in ``activation``:
+        a one-unit ``activation`` gives that unit's basis function in image space."""
+        start = self.layer_names.index(layer)  # fc4 -> block 0 comes next
+        x = activation
+        for block_index in range(start, len(self.blocks)):
+            x = F.interpolate(x, scale_factor=2, mode="nearest")
+            for conv_index, conv in enumerate(self.blocks[block_index]):
+                x = conv(x, use_bias=use_bias) * masks[f"block{block_index}.conv{conv_index}"]
+        out = self.to_rgb(x, use_bias=use_bias)
+        return torch.tanh(out) if apply_tanh else out
+
+
+class EnergyCritic(nn.Module):
+    """f(Y; Phi): bottom-up ConvNet mapping an image to a scalar energy (low = looks like data)."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        m = cfg.model
+        equalized = m.weight_scaling == "equalized"
+        self.slope = m.leaky_relu_slope
+        self.reference_sigma = cfg.training.critic_reference_sigma
+        self.stem = ScaledConv2d(3, m.critic_first_width, equalized)
+        blocks = []
+        in_channels = m.critic_first_width
+        for width in m.critic_widths:
+            convs = []
+            for _ in range(m.critic_convs_per_block):
+                convs.append(ScaledConv2d(in_channels, width, equalized))
+                in_channels = width
+            blocks.append(nn.ModuleList(convs))
+        self.blocks = nn.ModuleList(blocks)
+        self.head = ScaledLinear(in_channels * 16, 1, equalized, gain=1.0)
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        """f(Y) per image, shape (B,)."""
+        x = F.leaky_relu(self.stem(y), self.slope)
+        for convs in self.blocks:
+            x = F.avg_pool2d(x, 2)
+            for conv in convs:
+                x = F.leaky_relu(conv(x), self.slope)
+        return self.head(x.flatten(1)).squeeze(1)
+
+    def energy(self, y: torch.Tensor) -> torch.Tensor:
+        """The full energy of P(Y; Phi) = exp(-f(Y)) q(Y) / Z: f(Y) + ||Y||^2 / (2 s^2) (Eq. 16-17)."""
+        return self(y) + y.flatten(1).pow(2).sum(1) / (2 * self.reference_sigma**2)
+
+
+def build_generator(cfg: Config) -> SparseGenerator:
+    return SparseGenerator(cfg)
+
+
+def build_critic(cfg: Config) -> EnergyCritic:
+    return EnergyCritic(cfg)
+
+
+def describe_layers(cfg: Config) -> dict[str, list[dict]]:
+    """Name, output shape, k and parameter count of every layer of generator and critic (for --dry-run)."""
+    generator, critic = build_generator(cfg), build_critic(cfg)
+    described: dict[str, list[dict]] = {"generator": [], "critic": []}
+
+    def record(kind: str, name: str, module: nn.Module, k=None):
+        def hook(_module, _inputs, output):
+            described[kind].append({
+                "name": name,
+                "output_shape": list(output.shape[1:]),
+                "k": k,
+                "parameters": sum(p.numel() for p in module.parameters()),
+            })
+        return module.register_forward_hook(hook)
+
+    handles = [record("generator", "fc4", generator.fc, generator.k["fc4"])]
+    for block_index, convs in enumerate(generator.blocks):
+        layer = generator.layer_names[block_index + 1]
+        for conv_index, conv in enumerate(convs):
+            last = conv_index == len(convs) - 1
+            handles.append(record("generator", f"{layer}.conv{conv_index}", conv, generator.k[layer] if last else None))
+    handles.append(record("generator", "to_rgb", generator.to_rgb))
+    handles.append(record("critic", "stem", critic.stem))
+    for block_index, convs in enumerate(critic.blocks):
+        for conv_index, conv in enumerate(convs):
+            handles.append(record("critic", f"block{block_index}.conv{conv_index}", conv))
+    handles.append(record("critic", "head", critic.head))
+    with torch.no_grad():
+        # Shapes only: run on the meta device so paper64 costs nothing to describe.
+        generator_meta = generator.to("meta")
+        critic_meta = critic.to("meta")
+        z = torch.zeros(1, cfg.model.latent_dim, device="meta")
+        try:
+            images = generator_meta(z)
+        except NotImplementedError:  # an op without a meta kernel: fall back to a real batch of one
+            generator_meta, critic_meta = build_generator(cfg), build_critic(cfg)
+            described = {"generator": [], "critic": []}
+            images = generator_meta(torch.zeros(1, cfg.model.latent_dim))
+        critic_meta(images)
+    for handle in handles:
+        handle.remove()
+    # The FC output is a flat vector; report it as the 4x4 map it becomes.
+    described["generator"][0]["output_shape"] = [cfg.model.fc_channels, 4, 4]
+    return described

@@ -1,0 +1,73 @@
+"""Shared pytest fixtures."""
+
+import pytest
+
+
+# --- S3 on loopback (data layer; reusable by anything that talks to s3://) -------------------------------
+
+
+def _free_loopback_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 API (``moto_server``) on 127.0.0.1 for the session; yields its endpoint URL."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+    from pathlib import Path
+
+    port = _free_loopback_port()
+    executable = Path(sys.executable).with_name("moto_server")
+    process = subprocess.Popen(
+        [str(executable), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            urllib.request.urlopen(endpoint + "/moto-api/", timeout=1)
+            break
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                pytest.fail(f"moto_server did not become healthy on {endpoint}")
+            time.sleep(0.05)
+    yield endpoint
+    process.terminate()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch):
+    """Environment pointing boto3 at ``s3_server`` with fake credentials, plus a fresh empty bucket.
+
+    Yields a namespace: ``endpoint_url``, ``bucket`` and ``url`` (``s3://<bucket>``).
+    """
+    import types
+    import uuid
+
+    import boto3
+
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
+    # Keep a developer's real ~/.aws config out of the tests.
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent/aws-config")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/aws-credentials")
+    bucket = f"test-{uuid.uuid4().hex[:16]}"
+    boto3.session.Session().client("s3").create_bucket(Bucket=bucket)
+    yield types.SimpleNamespace(endpoint_url=s3_server, bucket=bucket, url=f"s3://{bucket}")

@@ -1,0 +1,137 @@
+"""ray_cluster.yaml against Ray's own cluster-config schema, and infra/Dockerfile sanity."""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CLUSTER_YAML = REPO_ROOT / "ray_cluster.yaml"
+DOCKERFILE = REPO_ROOT / "infra" / "Dockerfile"
+
+
+def load_cluster_config() -> dict:
+    return yaml.safe_load(CLUSTER_YAML.read_text())
+
+
+def validate(config: dict) -> dict:
+    """What `ray up` does before talking to AWS: merge the provider defaults, then validate."""
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    prepared = prepare_config(copy.deepcopy(config))
+    validate_config(prepared)
+    return prepared
+
+
+def test_cluster_config_passes_ray_schema():
+    prepared = validate(load_cluster_config())
+    assert prepared["provider"]["type"] == "aws"
+    assert prepared["head_node_type"] in prepared["available_node_types"]
+
+
+def _mutations():
+    def unknown_top_level_key(c):
+        c["max_worker"] = 3  # typo of max_workers; the schema forbids unknown keys
+
+    def negative_resource(c):
+        c["available_node_types"]["head"]["resources"] = {"CPU": -1}
+
+    def missing_node_config(c):
+        del c["available_node_types"]["gpu_worker"]["node_config"]
+
+    def head_type_not_defined(c):
+        c["head_node_type"] = "nonexistent"
+
+    def min_workers_exceed_max(c):
+        c["available_node_types"]["gpu_worker"]["min_workers"] = 10  # global max_workers is smaller
+
+    def bad_docker_key(c):
+        c["docker"]["imagee"] = c["docker"]["image"]
+
+    def commands_not_a_list(c):
+        c["head_start_ray_commands"] = "ray start --head"
+
+    return [unknown_top_level_key, negative_resource, missing_node_config, head_type_not_defined,
+            min_workers_exceed_max, bad_docker_key, commands_not_a_list]
+
+
+@pytest.mark.parametrize("mutate", _mutations(), ids=lambda f: f.__name__)
+def test_mutated_cluster_config_fails_validation(mutate):
+    import jsonschema
+
+    config = load_cluster_config()
+    mutate(config)
+    with pytest.raises((jsonschema.ValidationError, ValueError, KeyError)):
+        validate(config)
+
+
+def test_cluster_layout_and_security():
+    config = load_cluster_config()
+    nodes = config["available_node_types"]
+    head = nodes[config["head_node_type"]]
+    assert head["resources"].get("CPU") == 0, "training must not land on the head"
+    assert "min_workers" not in head or head["min_workers"] == 0
+    workers = [n for name, n in nodes.items() if name != config["head_node_type"]]
+    assert any(re.match(r"(g5|g6|p4d|p5)\.", w["node_config"]["InstanceType"]) for w in workers)
+    assert any(w["node_config"].get("InstanceMarketOptions", {}).get("MarketType") == "spot" for w in workers)
+    for node in nodes.values():
+        assert node["node_config"]["IamInstanceProfile"]["Arn"].startswith("arn:aws:iam::")
+    assert "InstanceMarketOptions" not in head["node_config"], "the head must be on-demand"
+    assert config["docker"]["image"] and config["docker"]["container_name"]
+    assert any("RAY_AUTH_MODE=token" in opt for opt in config["docker"]["run_options"])
+    assert "/home/ray/.ray/auth_token" in config["file_mounts"]
+    head_start = " ".join(config["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in head_start and "0.0.0.0" not in head_start
+    assert any("-c constraints.txt" in cmd for cmd in config["setup_commands"])
+    # No credentials in the config.
+    text = CLUSTER_YAML.read_text()
+    assert not re.search(r"AWS_SECRET_ACCESS_KEY|AKIA[0-9A-Z]{16}", text)
+
+
+def _dockerfile_instructions(text: str) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with line continuations joined and comments dropped."""
+    instructions, current = [], ""
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not current and (not line or line.startswith("#")):
+            continue
+        if line.startswith("#"):
+            continue
+        current += (" " if current else "") + line.rstrip("\\").strip()
+        if not line.endswith("\\"):
+            keyword, _, args = current.partition(" ")
+            instructions.append((keyword.upper(), args.strip()))
+            current = ""
+    assert not current, "dangling line continuation"
+    return instructions
+
+
+def test_dockerfile_parses_pins_torch_and_installs_project():
+    known = {"FROM", "ARG", "ENV", "RUN", "COPY", "ADD", "WORKDIR", "USER", "LABEL", "EXPOSE", "ENTRYPOINT",
+             "CMD", "SHELL", "HEALTHCHECK", "VOLUME", "STOPSIGNAL", "ONBUILD"}
+    instructions = _dockerfile_instructions(DOCKERFILE.read_text())
+    keywords = [k for k, _ in instructions]
+    assert set(keywords) <= known, set(keywords) - known
+    assert keywords.index("FROM") < keywords.index("RUN")
+    args = {a.split("=", 1)[0]: a.split("=", 1)[1] for k, a in instructions if k == "ARG" and "=" in a}
+    # Base image: Ray 2.60 on Python 3.11 with CUDA.
+    assert re.fullmatch(r"rayproject/ray:2\.60\.0-py311-cu\d+", args["BASE_IMAGE"])
+    # torch pinned to the version constraints.txt pins, from the CUDA wheel index.
+    constraints = (REPO_ROOT / "constraints.txt").read_text()
+    pinned = re.search(r"^torch==(\S+)", constraints, re.M).group(1)
+    assert args["TORCH_VERSION"] == pinned == "2.13.0"
+    assert re.fullmatch(r"https://download\.pytorch\.org/whl/cu\d+", args["TORCH_INDEX_URL"])
+    runs = " ".join(a for k, a in instructions if k == "RUN")
+    assert 'pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}"' in runs
+    # The project is installed under the same constraints.
+    assert "pip install -c constraints.txt ." in runs
+    copies = " ".join(a for k, a in instructions if k == "COPY")
+    for path in ("pyproject.toml", "constraints.txt", "pipeline", "infra", "jobs"):
+        assert path in copies
+    for path in ("pyproject.toml", "constraints.txt", "pipeline", "infra", "jobs"):
+        assert (REPO_ROOT / path).exists(), path
+    assert ":latest" not in DOCKERFILE.read_text()
