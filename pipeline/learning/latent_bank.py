@@ -90,7 +90,7 @@ class LatentBank:
         return cls.from_table(pq.read_table(source))
 
     # -- distributed ----------------------------------------------------------------------------------
-    def merge_across_ranks(self) -> None:
+    def merge_across_ranks(self, device: torch.device | None = None) -> None:
         """Make all ranks' banks equal: each row takes the value of the rank that updated it.
 
         Every example is read by exactly one rank per epoch, so at most one rank touched each row since
@@ -101,10 +101,12 @@ class LatentBank:
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             self.touched.zero_()
             return
-        touched = self.touched.to(torch.float32)
-        contribution = self.z * touched[:, None]
+        # NCCL reduces device tensors only; gloo works on the CPU copy directly.
+        touched = self.touched.to(device or "cpu", torch.float32)
+        contribution = self.z.to(device or "cpu") * touched[:, None]
         dist.all_reduce(contribution)
         dist.all_reduce(touched)
+        touched, contribution = touched.cpu(), contribution.cpu()
         updated = touched > 0
         self.z[updated] = contribution[updated] / touched[updated][:, None]
         self.touched.zero_()

@@ -1,0 +1,254 @@
+"""The driver of a training run: Ray Train's ``TorchTrainer`` around ``train_loop_per_worker``.
+
+``train(cfg)`` resolves where things live (data, checkpoints, MLflow), starts or joins Ray, creates or
+finds the run's single MLflow run, builds the ``TorchTrainer`` (CPU + gloo, or GPU + NCCL when
+``run.gpus_per_worker > 0``) and fits it. Running the same ``run.name`` again resumes it: Ray Train
+restores its latest checkpoint from ``<storage>/<name>`` and the MLflow run is found by name.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from pipeline.config import Config
+
+DEFAULT_WORKDIR = "sparsegen-work"
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+def resolve_workdir(workdir: str | None) -> Path:
+    path = Path(workdir or os.environ.get("SPARSEGEN_WORKDIR") or DEFAULT_WORKDIR).resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def ensure_demo_data(cfg: Config, workdir: Path, progress: bool = True) -> str:
+    """The built-in demo shards for this config's resolution, made once under the workdir."""
+    from pipeline.data import make_demo_data
+
+    out = workdir / "data" / f"demo-{cfg.data.demo_images}-{cfg.model.resolution}px"
+    if not (out / "manifest.parquet").exists():
+        print(f"[sparsegen] making {cfg.data.demo_images} demo images at {out}", flush=True)
+        make_demo_data(str(out), cfg.data.demo_images, size=cfg.model.resolution, seed=cfg.training.seed,
+                       holdout_fraction=cfg.data.holdout_fraction, progress=progress)
+    return str(out)
+
+
+def init_ray(address: str | None, cfg: Config) -> None:
+    """Join RAY_ADDRESS / --address when given, else start (or reuse) an embedded local Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return
+    # The Train controller needs a CPU of its own besides the workers.
+    cpus = max(os.cpu_count() or 2, int(cfg.run.workers * cfg.run.cpus_per_worker) + 1)
+    # The dashboard (loopback only) serves the state API that Ray Train's controller monitoring queries.
+    ray.init(num_cpus=cpus, dashboard_host="127.0.0.1", log_to_driver=True)
+
+
+def storage_filesystem(storage: str):
+    """A pyarrow S3 filesystem honouring AWS_ENDPOINT_URL for s3:// storage (None: Ray's default)."""
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if not storage.startswith("s3://") or not endpoint:
+        return None
+    import pyarrow.fs
+
+    return pyarrow.fs.S3FileSystem(
+        endpoint_override=endpoint,
+        region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
+        scheme="https" if endpoint.startswith("https") else "http",
+    )
+
+
+def _storage_path(storage: str) -> tuple[str, object]:
+    filesystem = storage_filesystem(storage)
+    # With an explicit filesystem, Ray wants the path without the scheme.
+    return (storage[len("s3://"):] if filesystem is not None else storage), filesystem
+
+
+def _existing_run(storage: str, name: str) -> bool:
+    from pipeline.data import storage as store
+
+    try:
+        return bool(store.exists(store.join(storage, name)) and store.list_dir(store.join(storage, name)))
+    except Exception:
+        return False
+
+
+def _resolve_resume(resume_from: str, tracking_uri: str) -> str:
+    """A checkpoint URI from a URI or an MLflow run id."""
+    from pipeline.tracking import mlflow_run
+
+    if "/" in resume_from or resume_from.startswith(("s3:", "file:")):
+        return resume_from
+    return mlflow_run.checkpoint_of_run(tracking_uri, resume_from)
+
+
+def _checkpoint_object(uri: str):
+    import ray.train
+
+    if uri.startswith("s3://"):
+        path, filesystem = _storage_path(uri)
+        return ray.train.Checkpoint(path, filesystem=filesystem) if filesystem else ray.train.Checkpoint(uri)
+    return ray.train.Checkpoint(uri[len("file://"):] if uri.startswith("file://") else uri)
+
+
+def train(
+    cfg: Config,
+    *,
+    address: str | None = None,
+    resume_from: str | None = None,
+    workdir: str | None = None,
+    parent_run_id: str | None = None,
+) -> dict:
+    """Run (or resume) a training run; returns {run_id, name, checkpoint, metrics}."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from pipeline.config import validate
+    from pipeline.data import open_dataset
+    from pipeline.tracking import mlflow_run
+
+    workdir_path = resolve_workdir(workdir)
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    if cfg.data.url is None:
+        cfg.data.url = ensure_demo_data(cfg, workdir_path)
+    info = open_dataset(cfg.data.url)  # fails fast, before Ray starts, on a missing manifest
+    if info.image_size != cfg.model.resolution:
+        print(f"[sparsegen] data is {info.image_size}px, model is {cfg.model.resolution}px: resizing on load", flush=True)
+    cfg.run.name = cfg.run.name or f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    cfg.run.storage = cfg.run.storage or str(workdir_path / "runs")
+    cfg.run.tracking_uri = cfg.run.tracking_uri or mlflow_run.default_tracking_uri(workdir_path)
+    validate(cfg)
+
+    tracking_uri = cfg.run.tracking_uri
+    params = cfg.flat()
+    params.update({"data.num_train": info.num_train, "data.num_holdout": info.num_holdout,
+                   "data.manifest_sha256": info.manifest_sha256})
+    run_id, resumed_mlflow = mlflow_run.get_or_create_run(
+        tracking_uri, cfg.run.experiment, cfg.run.name, params,
+        artifact_root=str(workdir_path / "mlartifacts"), parent_run_id=parent_run_id,
+        tags={"sparsegen.preset": cfg.preset, "sparsegen.data": cfg.data.url},
+    )
+    resuming = _existing_run(cfg.run.storage, cfg.run.name)
+    if resuming:
+        print(f"[sparsegen] run '{cfg.run.name}' exists in {cfg.run.storage}: resuming it from its latest "
+              f"checkpoint (MLflow run {run_id})", flush=True)
+    else:
+        print(f"[sparsegen] run '{cfg.run.name}': MLflow run {run_id} at {tracking_uri}", flush=True)
+
+    initial_checkpoint = None
+    if resume_from:
+        uri = _resolve_resume(resume_from, tracking_uri)
+        print(f"[sparsegen] starting from checkpoint {uri}", flush=True)
+        initial_checkpoint = _checkpoint_object(uri)
+
+    init_ray(address, cfg)
+    storage_path, filesystem = _storage_path(cfg.run.storage)
+    use_gpu = cfg.run.gpus_per_worker > 0
+    resources = {"CPU": cfg.run.cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = cfg.run.gpus_per_worker
+    loop_config = {
+        "config": cfg.to_dict(),
+        "tracking_uri": tracking_uri,
+        "mlflow_run_id": run_id,
+        "run_name": cfg.run.name,
+        "crash_marker": str(workdir_path / "faults" / f"{cfg.run.name}-rank{cfg.run.crash_rank}-step{cfg.run.crash_at_step}"),
+    }
+    worker_env = {"MLFLOW_DISABLE_TELEMETRY": "true", "OMP_NUM_THREADS": str(max(1, int(cfg.run.cpus_per_worker)))}
+    trainer = TorchTrainer(
+        _loop_entry,
+        train_loop_config=loop_config,
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.run.workers, use_gpu=use_gpu, resources_per_worker=resources
+        ),
+        run_config=ray.train.RunConfig(
+            name=cfg.run.name,
+            storage_path=storage_path,
+            storage_filesystem=filesystem,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.checkpoints_to_keep),
+            worker_runtime_env={"env_vars": worker_env},
+        ),
+        resume_from_checkpoint=initial_checkpoint,
+    )
+    try:
+        result = trainer.fit()
+    except Exception as exc:  # Ray raises TrainingFailedError with the worker's traceback inside
+        mlflow_run.finish_run(tracking_uri, run_id, "FAILED")
+        raise TrainingError(f"training run '{cfg.run.name}' failed: {exc}") from exc
+    if result.error is not None or result.checkpoint is None:
+        mlflow_run.finish_run(tracking_uri, run_id, "FAILED")
+        raise TrainingError(f"training run '{cfg.run.name}' failed: {result.error or 'no checkpoint was reported'}")
+
+    checkpoint_uri = result.checkpoint.path
+    if filesystem is not None or cfg.run.storage.startswith("s3://"):
+        checkpoint_uri = "s3://" + checkpoint_uri.removeprefix("s3://")
+    mlflow_run.set_tags(tracking_uri, run_id, {mlflow_run.CHECKPOINT_TAG: checkpoint_uri})
+    metrics = dict(result.metrics or {})
+    metrics.update(_evaluate_at_end(cfg, checkpoint_uri, tracking_uri, run_id, workdir_path))
+    mlflow_run.finish_run(tracking_uri, run_id, "FINISHED")
+    return {"run_id": run_id, "name": cfg.run.name, "checkpoint": checkpoint_uri, "metrics": metrics,
+            "tracking_uri": tracking_uri, "resumed": resuming}
+
+
+def _loop_entry(loop_config: dict) -> None:
+    # A module-level function (not a closure) so Ray pickles a reference, not this module's state.
+    from pipeline.distributed.training_loop import train_loop_per_worker
+
+    train_loop_per_worker(loop_config)
+
+
+def _evaluate_at_end(cfg: Config, checkpoint_uri: str, tracking_uri: str, run_id: str, workdir: Path) -> dict:
+    """The configured end-of-training evaluation (evaluation.at_end), logged into the run."""
+    if not cfg.evaluation.at_end:
+        return {}
+    try:
+        from pipeline.evaluation import evaluate
+    except ImportError:
+        return {}
+    from pipeline.distributed.checkpoint import load_generator
+    from pipeline.tracking import mlflow_run
+
+    eval_cfg, generator = load_generator(checkpoint_uri)
+    out_dir = workdir / "evaluations" / cfg.run.name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    metrics, artifacts = evaluate(eval_cfg, generator, cfg.data.url, list(cfg.evaluation.at_end),
+                                  inception_weights=cfg.evaluation.inception_weights, out_dir=str(out_dir),
+                                  progress=False)
+    numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+    if numeric:
+        mlflow_run.log_metrics(tracking_uri, run_id, numeric, step=0)
+    for path in artifacts.values():
+        mlflow_run.log_artifact(tracking_uri, run_id, path, "evaluation")
+    return numeric
+
+
+def run_demo(*, workdir: str | None = None, workers: int = 2, max_steps: int = 300, images: int = 1024) -> dict:
+    """`sparsegen demo`: demo data -> shards -> Ray Train (tiny preset) -> MLflow; prints where to look."""
+    from pipeline.config import load_config
+
+    cfg = load_config("tiny", [f"run.workers={workers}", f"training.max_steps={max_steps}",
+                               f"data.demo_images={images}"])
+    workdir_path = resolve_workdir(workdir)
+    result = train(cfg, workdir=str(workdir_path))
+    tracking_uri = result["tracking_uri"]
+    print()
+    print(f"Demo finished: run '{result['name']}', MLflow run {result['run_id']}")
+    print(f"  checkpoint:      {result['checkpoint']}")
+    print(f"  final metrics:   " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(result["metrics"].items())
+                                             if isinstance(v, float)))
+    print(f"  open the MLflow UI:  mlflow ui --backend-store-uri {tracking_uri} --port 5000")
+    print(f"  then browse http://127.0.0.1:5000 (experiment '{cfg.run.experiment}')")
+    return result

@@ -1,0 +1,202 @@
+"""The per-worker training loop that Ray Train runs on every rank (Algorithm 1 under DDP).
+
+Stages, in order:
+  1. setup       -- rank, device, models (DDP when world_size > 1), learner, loader over this rank's shards
+  2. restore     -- from Ray's latest checkpoint (worker restart / same --name) or --resume-from
+  3. loop        -- per batch: sparsity schedule, Algorithm 1 step, fault injection
+  4. log         -- every run.log_every_steps: metrics averaged over ranks, rank 0 -> MLflow
+  5. evaluate    -- every run.eval_every_steps: sample and reconstruction grids (rank 0) -> MLflow
+  6. checkpoint  -- every run.checkpoint_every_steps and at the end: merge latent banks across ranks,
+                    rank 0 writes the checkpoint, every rank calls ray.train.report (metrics on all ranks)
+
+Ray's ``report`` is a synchronisation point that costs up to the controller's poll interval, so the loop
+reports only at checkpoints; per-step metrics go straight to MLflow from rank 0.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    import ray.train
+    import torch.distributed as dist
+
+    from pipeline.config import config_from_dict
+    from pipeline.data import make_loader, open_dataset
+    from pipeline.distributed.checkpoint import LoadedCheckpoint, load_checkpoint, write_checkpoint
+    from pipeline.learning import ABPLearner, LatentBank
+    from pipeline.learning.learner import unwrap
+    from pipeline.model import build_critic, build_generator
+    from pipeline.tracking import mlflow_run
+
+    # -- 1. setup ---------------------------------------------------------------------------------------
+    cfg = config_from_dict(loop_config["config"])
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device() if cfg.run.gpus_per_worker > 0 else torch.device("cpu")
+    distributed = world_size > 1 and dist.is_available() and dist.is_initialized()
+    tracking_uri, run_id = loop_config["tracking_uri"], loop_config["mlflow_run_id"]
+    is_logger = rank == 0
+
+    # Same initial weights on every rank (DDP also broadcasts them); per-rank seeds for Langevin noise.
+    torch.manual_seed(cfg.training.seed)
+    generator = build_generator(cfg).to(device)
+    critic = build_critic(cfg).to(device) if cfg.training.critic_weight > 0 else None
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    info = open_dataset(cfg.data.url)
+    bank = LatentBank(info.max_global_index + 1, cfg.model.latent_dim, seed=cfg.training.seed)
+
+    # -- 2. restore ---------------------------------------------------------------------------------------
+    loaded: LoadedCheckpoint | None = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            loaded = load_checkpoint(directory, map_location=device)
+    if loaded is not None:
+        if loaded.bank.capacity != bank.capacity:
+            raise ValueError(
+                f"checkpoint latent bank holds {loaded.bank.capacity} examples but the dataset has "
+                f"{bank.capacity}: resume with the same data"
+            )
+        bank = loaded.bank
+    if distributed:
+        kwargs = {"device_ids": [device.index]} if device.type == "cuda" else {}
+        generator = torch.nn.parallel.DistributedDataParallel(generator, **kwargs)
+        if critic is not None:
+            critic = torch.nn.parallel.DistributedDataParallel(critic, **kwargs)
+    learner = ABPLearner(cfg, generator, critic, bank, device)
+    if loaded is not None:
+        learner.load_state_dict(loaded.state)
+        # The bank is keyed by example index, so a checkpoint from any world size restores every Z.
+    learner.rng.manual_seed(cfg.training.seed * 1000 + rank + 7919 * learner.step_count)
+    loader = make_loader(
+        info, split="train", batch_size=cfg.training.batch_size, rank=rank, world_size=world_size,
+        seed=cfg.training.seed, epoch=0, on_error=cfg.data.on_error, image_size=cfg.model.resolution,
+    )
+    steps_per_epoch = len(loader)
+    total_steps = cfg.training.max_steps or math.ceil(cfg.training.epochs * steps_per_epoch)
+    step = learner.step_count
+    if is_logger:
+        print(f"[sparsegen] rank 0/{world_size}: {steps_per_epoch} steps/epoch, training to step {total_steps}"
+              f"{f', resumed at step {step}' if step else ''}", flush=True)
+
+    # Fixed images and prior latents for the grids, so pictures are comparable across steps.
+    grid_z = torch.randn(32, cfg.model.latent_dim, generator=torch.Generator().manual_seed(1234)).to(device)
+    grid_images = None
+    crash_marker = loop_config.get("crash_marker")
+
+    # -- 3. loop ------------------------------------------------------------------------------------------
+    window_start, window_images, window_steps = time.perf_counter(), 0, 0
+    metric_sums: dict[str, float] = {}
+    while step < total_steps:
+        epoch = step // steps_per_epoch
+        skip = step - epoch * steps_per_epoch  # resumed mid-epoch: skip the batches already trained on
+        loader.set_epoch(epoch)
+        for batch_index, (indices, images) in enumerate(loader):
+            if batch_index < skip:
+                continue
+            if grid_images is None:
+                grid_images = images[:16].clone()
+            learner.set_epoch(step / steps_per_epoch)
+            metrics = learner.step(indices, images).as_floats()
+            step += 1
+            window_images += images.shape[0]
+            window_steps += 1
+            for key, value in metrics.items():
+                metric_sums[key] = metric_sums.get(key, 0.0) + value
+            _maybe_crash(cfg, rank, step, crash_marker)
+
+            last = step >= total_steps
+            # -- 4. log -------------------------------------------------------------------------------
+            if step % cfg.run.log_every_steps == 0 or last:
+                elapsed_s = time.perf_counter() - window_start
+                logged = {k: v / window_steps for k, v in metric_sums.items()}
+                logged["images_per_s_per_worker"] = window_images / max(elapsed_s, 1e-9)
+                logged = _average_over_ranks(logged, device) if distributed else logged
+                logged["images_per_s"] = logged["images_per_s_per_worker"] * world_size
+                logged["epoch"] = step / steps_per_epoch
+                logged.update(_sparsity_metrics(unwrap(generator), grid_z))
+                for key, value in loader.stats.items():
+                    logged[f"data_{key}"] = float(value)
+                if is_logger:
+                    mlflow_run.log_metrics(tracking_uri, run_id, logged, step)
+                window_start, window_images, window_steps, metric_sums = time.perf_counter(), 0, 0, {}
+            # -- 5. evaluate ----------------------------------------------------------------------------
+            if is_logger and (step % cfg.run.eval_every_steps == 0 or last):
+                _log_grids(cfg, unwrap(generator), grid_z, grid_images, tracking_uri, run_id, step)
+            # -- 6. checkpoint ----------------------------------------------------------------------------
+            if step % cfg.run.checkpoint_every_steps == 0 or last:
+                bank.merge_across_ranks(device if device.type == "cuda" else None)
+                report = {"step": step, "epoch": step / steps_per_epoch,
+                          "reconstruction_mse": metrics["reconstruction_mse"]}
+                if is_logger:
+                    with tempfile.TemporaryDirectory() as directory:
+                        meta = {"step": step, "epoch": step / steps_per_epoch, "world_size": world_size,
+                                "mlflow_run_id": run_id, "run_name": loop_config["run_name"]}
+                        write_checkpoint(directory, cfg, learner.state_dict(), bank, meta)
+                        ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(directory))
+                else:
+                    ray.train.report(report)
+            if last:
+                break
+        else:
+            continue
+        break
+
+
+def _maybe_crash(cfg, rank: int, step: int, marker: str | None) -> None:
+    """Fault injection for tests: crash ``run.crash_rank`` once when it reaches ``run.crash_at_step``."""
+    if rank != cfg.run.crash_rank or step != cfg.run.crash_at_step or not marker:
+        return
+    if os.path.exists(marker):
+        return
+    Path(marker).parent.mkdir(parents=True, exist_ok=True)
+    Path(marker).write_text(f"crashed rank {rank} at step {step}\n")
+    print(f"[sparsegen] fault injection: crashing rank {rank} at step {step}", flush=True)
+    os._exit(17)
+
+
+def _average_over_ranks(metrics: dict[str, float], device: torch.device) -> dict[str, float]:
+    import torch.distributed as dist
+
+    keys = sorted(metrics)
+    values = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(values)
+    values /= dist.get_world_size()
+    return dict(zip(keys, values.cpu().tolist()))
+
+
+@torch.no_grad()
+def _sparsity_metrics(generator, z: torch.Tensor) -> dict[str, float]:
+    """Measured fraction of non-zero units per sparsified layer (on fixed prior samples)."""
+    _, activations = generator(z[:8], return_activations=True)
+    return {f"active_fraction_{name}": (act != 0).float().mean().item() for name, act in activations.items()}
+
+
+@torch.no_grad()
+def _log_grids(cfg, generator, grid_z, grid_images, tracking_uri, run_id, step) -> None:
+    from pipeline.learning.learner import reconstruct
+    from pipeline.tracking import mlflow_run
+    from pipeline.tracking.images import image_grid
+
+    with tempfile.TemporaryDirectory() as directory:
+        samples = generator(grid_z)
+        path = os.path.join(directory, f"samples_step{step:07d}.png")
+        image_grid(samples, columns=8).save(path)
+        mlflow_run.log_artifact(tracking_uri, run_id, path, "samples")
+        if grid_images is not None:
+            device = grid_z.device
+            with torch.enable_grad():
+                _, recon = reconstruct(generator, grid_images.to(device), cfg, seed=step)
+            # Rows: originals, then their reconstructions (Langevin from the prior).
+            path = os.path.join(directory, f"reconstructions_step{step:07d}.png")
+            image_grid(torch.cat([grid_images.to(device), recon]), columns=16).save(path)
+            mlflow_run.log_artifact(tracking_uri, run_id, path, "reconstructions")

@@ -1,0 +1,1 @@
+"""Experiment tracking: MLflow runs, params, metrics, image-grid artifacts."""
