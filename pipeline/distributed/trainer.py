@@ -109,8 +109,14 @@ def train(
     resume_from: str | None = None,
     workdir: str | None = None,
     parent_run_id: str | None = None,
+    callbacks: list | None = None,
+    extra_tags: dict[str, str] | None = None,
 ) -> dict:
-    """Run (or resume) a training run; returns {run_id, name, checkpoint, metrics}."""
+    """Run (or resume) a training run; returns {run_id, name, checkpoint, metrics}.
+
+    ``callbacks`` go to Ray Train's RunConfig (Tune passes its TuneReportCallback here);
+    ``parent_run_id`` nests the MLflow run under a search's parent run.
+    """
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -137,7 +143,7 @@ def train(
     run_id, resumed_mlflow = mlflow_run.get_or_create_run(
         tracking_uri, cfg.run.experiment, cfg.run.name, params,
         artifact_root=str(workdir_path / "mlartifacts"), parent_run_id=parent_run_id,
-        tags={"sparsegen.preset": cfg.preset, "sparsegen.data": cfg.data.url},
+        tags={"sparsegen.preset": cfg.preset, "sparsegen.data": cfg.data.url, **(extra_tags or {})},
     )
     resuming = _existing_run(cfg.run.storage, cfg.run.name)
     if resuming:
@@ -180,6 +186,7 @@ def train(
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.checkpoints_to_keep),
             worker_runtime_env={"env_vars": worker_env},
+            callbacks=callbacks,
         ),
         resume_from_checkpoint=initial_checkpoint,
     )
