@@ -71,3 +71,46 @@ def s3_env(s3_server, monkeypatch):
     bucket = f"test-{uuid.uuid4().hex[:16]}"
     boto3.session.Session().client("s3").create_bucket(Bucket=bucket)
     yield types.SimpleNamespace(endpoint_url=s3_server, bucket=bucket, url=f"s3://{bucket}")
+
+
+# --- One Ray instance for the whole session (worker-group start costs ~10 s; Ray start more) -------------
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """An embedded local Ray shared by every test that trains or tunes."""
+    import os
+
+    # Set before ray.init so the Train controller and workers inherit them.
+    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.5"
+    os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, dashboard_host="127.0.0.1", log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+# Small enough that a Ray Train run of a few steps takes seconds on 2 cores.
+FAST_TRAINING_OVERRIDES = [
+    "model.fc_channels=64",
+    "model.widths=[32, 16, 8]",
+    "langevin.steps=3",
+    "training.batch_size=16",
+    "data.demo_images=128",
+    "run.log_every_steps=2",
+    "run.eval_every_steps=4",
+    "run.checkpoint_every_steps=4",
+    "evaluation.at_end=[]",
+]
+
+
+@pytest.fixture(scope="session")
+def demo_shards(tmp_path_factory):
+    """128 demo images (32 px) as shards, shared by the training and tuning tests."""
+    from pipeline.data import make_demo_data
+
+    out = tmp_path_factory.mktemp("demo-shards")
+    make_demo_data(str(out), 128, size=32, seed=0, holdout_fraction=0.1)
+    return str(out)

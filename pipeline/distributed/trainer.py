@@ -93,15 +93,6 @@ def _resolve_resume(resume_from: str, tracking_uri: str) -> str:
     return mlflow_run.checkpoint_of_run(tracking_uri, resume_from)
 
 
-def _checkpoint_object(uri: str):
-    import ray.train
-
-    if uri.startswith("s3://"):
-        path, filesystem = _storage_path(uri)
-        return ray.train.Checkpoint(path, filesystem=filesystem) if filesystem else ray.train.Checkpoint(uri)
-    return ray.train.Checkpoint(uri[len("file://"):] if uri.startswith("file://") else uri)
-
-
 def train(
     cfg: Config,
     *,
@@ -152,11 +143,12 @@ def train(
     else:
         print(f"[sparsegen] run '{cfg.run.name}': MLflow run {run_id} at {tracking_uri}", flush=True)
 
-    initial_checkpoint = None
+    # Ray Train V2 dropped resume_from_checkpoint: the workers load this URI themselves when Ray has no
+    # checkpoint of this run yet (a restart of this run still restores Ray's latest checkpoint first).
+    initial_checkpoint_uri = None
     if resume_from:
-        uri = _resolve_resume(resume_from, tracking_uri)
-        print(f"[sparsegen] starting from checkpoint {uri}", flush=True)
-        initial_checkpoint = _checkpoint_object(uri)
+        initial_checkpoint_uri = _resolve_resume(resume_from, tracking_uri)
+        print(f"[sparsegen] starting from checkpoint {initial_checkpoint_uri}", flush=True)
 
     init_ray(address, cfg)
     storage_path, filesystem = _storage_path(cfg.run.storage)
@@ -169,6 +161,7 @@ def train(
         "tracking_uri": tracking_uri,
         "mlflow_run_id": run_id,
         "run_name": cfg.run.name,
+        "initial_checkpoint": initial_checkpoint_uri,
         "crash_marker": str(workdir_path / "faults" / f"{cfg.run.name}-rank{cfg.run.crash_rank}-step{cfg.run.crash_at_step}"),
     }
     worker_env = {"MLFLOW_DISABLE_TELEMETRY": "true", "OMP_NUM_THREADS": str(max(1, int(cfg.run.cpus_per_worker)))}
@@ -188,7 +181,6 @@ def train(
             worker_runtime_env={"env_vars": worker_env},
             callbacks=callbacks,
         ),
-        resume_from_checkpoint=initial_checkpoint,
     )
     try:
         result = trainer.fit()

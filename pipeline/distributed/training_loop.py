@@ -60,6 +60,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             loaded = load_checkpoint(directory, map_location=device)
+    elif loop_config.get("initial_checkpoint"):
+        loaded = load_checkpoint(loop_config["initial_checkpoint"], map_location=device)
     if loaded is not None:
         if loaded.bank.capacity != bank.capacity:
             raise ValueError(

@@ -4,9 +4,13 @@ The paper matches layer-3 (``conv8``, part level) basis functions against traini
 normalised cross-correlation (Lewis 1995, its ref. [37]) and reports the mean matching score. Here:
 
 * **NCC** is ``skimage.feature.match_template`` (Lewis' algorithm), never hand-written.
-* **Colour:** matched in RGB, using match_template's 3-D support: template (h, w, 3) over image (H, W, 3),
-  so one NCC over all three channels jointly (means and norms over the whole h x w x 3 window) — a part's
-  colour is part of what it looks like. ``colour="gray"`` matches luminance (ITU-R 601 weights) instead.
+* **Colour:** by default basis functions and images are converted to luminance (ITU-R 601 weights
+  0.299 R + 0.587 G + 0.114 B; linear, so a basis function's luminance is the luminance of its contribution)
+  and matched in 2-D, as fast NCC is classically applied. ``colour="rgb"`` instead uses match_template's
+  3-D support: template (h, w, 3) over image (H, W, 3), one NCC over all three channels jointly (means and
+  norms over the whole h x w x 3 window). Gray is the default because the 3-D path is ~40x slower here
+  (2.0 s vs 0.05 s per basis function against 1,000 32x32 images on one core), which would make Table 4 on
+  1,000 images cost minutes.
 * **Score of one basis function** = max NCC over all positions of all scored images (how well the best
   matching training patch explains it). ``image_mean`` also reports the mean over images of each image's best
   position (less saturating; a secondary figure, not Table 4's).
@@ -56,7 +60,7 @@ def _prepare(images_hwc: np.ndarray, colour: str) -> np.ndarray:
 class ImageMosaic:
     """N equally sized images tiled on a near-square grid, for one-call template matching."""
 
-    def __init__(self, images_hwc: np.ndarray, colour: str = "rgb"):
+    def __init__(self, images_hwc: np.ndarray, colour: str = "gray"):
         images = _prepare(images_hwc, colour)
         self.colour = colour
         self.n, self.h, self.w = images.shape[:3]
@@ -101,7 +105,7 @@ def matchable(pattern_chw: np.ndarray, image_side: int) -> bool:
     return h * w > 1 and h <= image_side and w <= image_side and float(np.ptp(pattern_chw)) > 0.0
 
 
-def match_basis_functions(patterns_chw: list[np.ndarray], images_hwc: np.ndarray, *, colour: str = "rgb",
+def match_basis_functions(patterns_chw: list[np.ndarray], images_hwc: np.ndarray, *, colour: str = "gray",
                           progress: bool = False) -> dict:
     """Score each basis function (3, h, w) against images (N, H, W, 3); see the module docstring.
 
@@ -151,7 +155,7 @@ def units_for_matching(generator, layer: str, *, latent_dim: int, num_latents: i
 
 
 def matching_score(generator, images_pm1, layer: str, *, latent_dim: int, num_latents: int = 8,
-                   units_per_latent: int = 8, seed: int = 0, colour: str = "rgb", progress: bool = False) -> dict:
+                   units_per_latent: int = 8, seed: int = 0, colour: str = "gray", progress: bool = False) -> dict:
     """Table 4's mean matching score of ``layer``'s basis functions against ``images_pm1`` (N, 3, H, W).
 
     Returns the ``match_basis_functions`` dict plus ``"units"`` (the scored units as dicts) and the settings.

@@ -72,7 +72,7 @@ class LatentBank:
 
     @classmethod
     def from_table(cls, table: pa.Table) -> "LatentBank":
-        indices = table.column("index").to_numpy()
+        indices = table.column("index").to_numpy().astype(np.int64, copy=True)  # writable, for torch
         z_column = table.column("z").combine_chunks()
         latent_dim = z_column.type.list_size
         values = z_column.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)

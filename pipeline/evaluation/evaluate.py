@@ -1,0 +1,329 @@
+"""Evaluation orchestration: ``evaluate`` runs the requested metrics, writes artifacts, and MLflow helpers.
+
+Metric names carry their ranges/layers; all are floats:
+
+* ``fid`` (+ ``fid_generated_samples``, ``fid_reference_images``): FID vs the training split, TF Inception
+  pool3 features, as many generated samples as training images unless ``samples`` says otherwise.
+* ``holdout_mse_pm1`` (pixels in [-1, 1]) and ``holdout_mse_01`` (= /4, pixels in [0, 1], the likely range of
+  the paper's Table 3), per pixel and channel, of Langevin reconstructions from the prior of up to
+  ``cfg.evaluation.mse_images`` holdout images; ``holdout_mse_images``.
+* ``matching_score_<layer>`` (Table 4), ``matching_score_<layer>_image_mean``, ``matching_units_<layer>``,
+  ``matching_images``: see ``matching.py``.
+* ``tree_nodes``, ``tree_roots``: see ``tree.py`` (the tree itself is an artifact).
+* ``parts_*_<layer>``: see ``parts.py`` (demo data only).
+
+A metric that cannot be computed (no Inception weights, no holdout split, no ground truth, no data) is left
+out of the metrics and explained in ``evaluation.json`` (``unavailable``) and a warning; with
+``strict=True`` it raises ``MetricUnavailable`` instead — before any expensive work for FID.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+METRICS = ("fid", "mse", "matching", "tree", "parts")
+CHECKPOINT_TAG = "sparsegen.checkpoint"
+ARTIFACT_DIR = "evaluation"
+
+
+class MetricUnavailable(RuntimeError):
+    """A requested metric cannot be computed; ``metric`` names it."""
+
+    def __init__(self, metric: str, message: str):
+        self.metric = metric
+        super().__init__(message)
+
+
+def parse_metrics(text: str | list[str] | None) -> list[str]:
+    """"fid,mse" or ["fid", "mse"] -> validated list, order kept, duplicates dropped; "all" = every metric."""
+    if text is None:
+        return []
+    items = [m.strip() for m in (text.split(",") if isinstance(text, str) else text) if m.strip()]
+    if items == ["all"]:
+        return list(METRICS)
+    unknown = [m for m in items if m not in METRICS]
+    if unknown:
+        raise ValueError(f"unknown metric(s) {', '.join(unknown)}; choose from {', '.join(METRICS)} or 'all'")
+    return list(dict.fromkeys(items))
+
+
+def read_images(data_url: str, split: str, n: int, image_size: int, batch_size: int = 100):
+    """(global indices, images (N, 3, S, S) in [-1, 1]) of the first n images of a split, in manifest order."""
+    from pipeline.data import make_loader
+
+    loader = make_loader(data_url, split=split, batch_size=batch_size, shuffle=False, image_size=image_size)
+    indices, images, seen = [], [], 0
+    for batch_indices, batch in loader:
+        take = min(n - seen, batch.shape[0])
+        indices.append(batch_indices[:take])
+        images.append(batch[:take])
+        seen += take
+        if seen >= n:
+            break
+    return torch.cat(indices), torch.cat(images)
+
+
+def _device_of(module: torch.nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+def holdout_mse(generator, cfg, data_url: str, *, num_images: int, seed: int = 0, progress: bool = False) -> dict[str, float]:
+    """Per-pixel MSE of Langevin reconstructions (from the prior) of up to num_images holdout images."""
+    from tqdm import tqdm
+
+    from pipeline.data import make_loader
+    from pipeline.learning.learner import reconstruct
+
+    loader = make_loader(data_url, split="holdout", batch_size=cfg.training.batch_size, shuffle=False,
+                         image_size=cfg.model.resolution)
+    total = min(num_images, loader.num_samples)
+    squared_error, values, seen = 0.0, 0, 0
+    device = _device_of(generator)
+    with tqdm(total=total, desc="holdout mse", unit="img", disable=not progress, dynamic_ncols=True) as bar:
+        for batch_number, (_, images) in enumerate(loader):
+            images = images[: total - seen].to(device)
+            if images.shape[0] == 0:
+                break
+            _, recon = reconstruct(generator, images, cfg, seed=seed + batch_number)
+            squared_error += float((recon.float() - images).pow(2).sum())
+            values += images.numel()
+            seen += images.shape[0]
+            bar.update(images.shape[0])
+            if seen >= total:
+                break
+    mse_pm1 = squared_error / values
+    # [-1, 1] -> [0, 1] halves every difference, so the squared error is divided by 4.
+    return {"holdout_mse_pm1": mse_pm1, "holdout_mse_01": mse_pm1 / 4.0, "holdout_mse_images": float(seen)}
+
+
+def _basis_grid_png(result: dict, bases_images: list[np.ndarray], path: Path, title: str) -> Path:
+    """Grid of the scored basis functions with their scores (a Fig. 7-style view of what Table 4 scores)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from pipeline.evaluation.basis import to_display
+
+    n = max(len(bases_images), 1)
+    cols = min(16, n)
+    rows = math.ceil(n / cols)
+    fig = Figure(figsize=(cols * 0.9, rows * 1.0 + 0.4), dpi=100)
+    FigureCanvasAgg(fig)
+    for i, (image, score) in enumerate(zip(bases_images, result["scores"])):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        ax.imshow(to_display(image), interpolation="nearest")
+        ax.set_title("—" if score is None else f"{score:.2f}", fontsize=6)
+        ax.set_axis_off()
+    fig.suptitle(title, fontsize=8)
+    fig.savefig(path, bbox_inches="tight")
+    return path
+
+
+def evaluate(
+    cfg,
+    generator: torch.nn.Module,
+    data_url: str | None,
+    metrics: list[str],
+    *,
+    samples: int | None = None,
+    inception_weights: str | None = None,
+    out_dir: str | Path,
+    progress: bool = True,
+    strict: bool = False,
+    seed: int = 0,
+    matching_latents: int = 8,
+    matching_units_per_latent: int = 8,
+    matching_colour: str = "gray",
+    tree_roots: int = 6,
+    tree_children: int = 3,
+) -> tuple[dict[str, float], dict[str, str]]:
+    """Compute ``metrics`` (subset of fid, mse, matching, tree, parts) for ``generator`` on ``data_url``.
+
+    Returns (metric name -> float, artifact name -> local path); artifacts are written under ``out_dir``,
+    always including ``summary`` (evaluation.json: metrics, unavailable metrics with reasons, settings,
+    seconds per metric). The generator is evaluated in eval mode and restored to its previous mode.
+    """
+    from pipeline.learning.learner import unwrap
+
+    metrics = parse_metrics(metrics)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    generator = unwrap(generator)
+    was_training = generator.training
+    generator.eval()
+    results: dict[str, float] = {}
+    artifacts: dict[str, str] = {}
+    unavailable: dict[str, str] = {}
+    seconds: dict[str, float] = {}
+    settings: dict = {"metrics": metrics, "seed": seed, "data_url": data_url}
+    layer = cfg.evaluation.matching_layer
+
+    def give_up(metric: str, message: str) -> None:
+        if strict:
+            raise MetricUnavailable(metric, message)
+        log.warning("%s unavailable: %s", metric, message)
+        unavailable[metric] = message
+
+    # FID's weights are checked first so a strict run fails before any expensive work.
+    inception = None
+    if "fid" in metrics:
+        from pipeline.evaluation.inception import InceptionWeightsUnavailable, load_inception
+
+        try:
+            inception, weights_sha256 = load_inception(inception_weights or cfg.evaluation.inception_weights,
+                                                       device=_device_of(generator))
+            settings["inception_weights_sha256"] = weights_sha256
+        except InceptionWeightsUnavailable as error:
+            give_up("fid", str(error))
+
+    try:
+        for metric in metrics:
+            if metric == "fid" and inception is None:
+                continue
+            if metric in ("fid", "mse", "matching", "parts") and not data_url:
+                give_up(metric, "no dataset given (--data / cfg.data.url)")
+                continue
+            started = time.perf_counter()
+            try:
+                if metric == "fid":
+                    results.update(_fid(cfg, generator, data_url, inception, settings["inception_weights_sha256"],
+                                        samples, seed, progress, settings))
+                elif metric == "mse":
+                    results.update(holdout_mse(generator, cfg, data_url, num_images=cfg.evaluation.mse_images,
+                                               seed=seed, progress=progress))
+                elif metric == "matching":
+                    results.update(_matching(cfg, generator, data_url, layer, out, seed, progress, artifacts,
+                                             matching_latents, matching_units_per_latent, matching_colour))
+                elif metric == "tree":
+                    from pipeline.evaluation.tree import write_tree
+
+                    rng = torch.Generator(device="cpu").manual_seed(seed)
+                    z = torch.randn(1, cfg.model.latent_dim, generator=rng)
+                    paths, document = write_tree(generator, z, out, roots=tree_roots, children=tree_children)
+                    artifacts.update({k: str(v) for k, v in paths.items()})
+                    results["tree_nodes"] = float(document["num_nodes"])
+                    results["tree_roots"] = float(len(document["nodes"]))
+                    settings["tree_layers"] = document["layers"]
+                elif metric == "parts":
+                    from pipeline.evaluation.parts import part_interpretability
+
+                    part_metrics, details = part_interpretability(
+                        generator, cfg, data_url, layer=layer, num_images=cfg.evaluation.matching_images, seed=seed,
+                        progress=progress)
+                    results.update(part_metrics)
+                    path = out / f"parts_{layer}.json"
+                    path.write_text(json.dumps(details, indent=1))
+                    artifacts["parts_json"] = str(path)
+            except MetricUnavailable:
+                raise
+            except Exception as error:  # noqa: BLE001 - data problems become "unavailable", bugs still surface
+                from pipeline.data import DataError
+
+                if not isinstance(error, DataError):
+                    raise
+                give_up(metric, str(error))
+            seconds[metric] = time.perf_counter() - started
+    finally:
+        generator.train(was_training)
+
+    summary = out / "evaluation.json"
+    summary.write_text(json.dumps({"metrics": results, "unavailable": unavailable, "settings": settings,
+                                   "seconds": seconds}, indent=1, default=str))
+    artifacts["summary"] = str(summary)
+    return results, artifacts
+
+
+def _fid(cfg, generator, data_url, inception, weights_sha256, samples, seed, progress, settings) -> dict[str, float]:
+    from pipeline.data import open_dataset
+    from pipeline.evaluation.fid import frechet_distance, generated_statistics, reference_statistics
+
+    device = _device_of(generator)
+    mu_r, sigma_r, count_r, cache_path = reference_statistics(
+        data_url, inception, weights_sha256, image_size=cfg.model.resolution, device=device, progress=progress)
+    # 2048x2048 float64 statistics are ~34 MB: kept in the local cache, referenced from the summary, not
+    # copied into every run's artifacts.
+    settings["fid_reference_stats"] = str(cache_path)
+    # The paper: as many generated samples as training images.
+    n = samples or cfg.evaluation.fid_samples or open_dataset(data_url).num_train
+    mu_g, sigma_g = generated_statistics(generator, cfg.model.latent_dim, n, inception, seed=seed, device=device,
+                                         progress=progress)
+    return {"fid": frechet_distance(mu_g, sigma_g, mu_r, sigma_r), "fid_generated_samples": float(n),
+            "fid_reference_images": float(count_r)}
+
+
+def _matching(cfg, generator, data_url, layer, out, seed, progress, artifacts, latents, per_latent, colour):
+    from pipeline.evaluation.matching import matching_score
+
+    _, images = read_images(data_url, "train", cfg.evaluation.matching_images, cfg.model.resolution)
+    result = matching_score(generator, images, layer, latent_dim=cfg.model.latent_dim, num_latents=latents,
+                            units_per_latent=per_latent, seed=seed, colour=colour, progress=progress)
+    path = out / f"matching_{layer}.json"
+    path.write_text(json.dumps({k: v for k, v in result.items() if k not in ("scores", "image_mean", "locations")},
+                               indent=1))
+    artifacts["matching_json"] = str(path)
+    # Re-draw the scored basis functions for the figure (cheap: one batched propagation).
+    from pipeline.evaluation.matching import units_for_matching
+
+    bases = units_for_matching(generator, layer, latent_dim=cfg.model.latent_dim, num_latents=latents,
+                               units_per_latent=per_latent, seed=seed)
+    png = _basis_grid_png(result, [b.image for b in bases], out / f"matching_{layer}.png",
+                          f"{layer} basis functions and their best NCC over {result['num_images']} training images "
+                          f"(mean {result['score']:.3f})")
+    artifacts["matching_png"] = str(png)
+    return {
+        f"matching_score_{layer}": result["score"],
+        f"matching_score_{layer}_image_mean": result["image_mean_score"],
+        f"matching_units_{layer}": float(result["scored"]),
+        "matching_images": float(result["num_images"]),
+    }
+
+
+# --- MLflow -----------------------------------------------------------------------------------------------
+
+def _client(tracking_uri: str | None):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri)
+
+
+def checkpoint_of_run(run_id: str, tracking_uri: str | None = None) -> str:
+    """The checkpoint URI a training run recorded in its ``sparsegen.checkpoint`` tag."""
+    run = _client(tracking_uri).get_run(run_id)
+    uri = run.data.tags.get(CHECKPOINT_TAG)
+    if not uri:
+        raise LookupError(f"MLflow run {run_id} has no {CHECKPOINT_TAG!r} tag (was it made by `sparsegen train`?)")
+    return uri
+
+
+def run_exists(run_id: str, tracking_uri: str | None = None) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        _client(tracking_uri).get_run(run_id)
+        return True
+    except MlflowException:
+        return False
+
+
+def log_to_mlflow(run_id: str, metrics: dict[str, float], artifacts: dict[str, str], *,
+                  tracking_uri: str | None = None, artifact_path: str = ARTIFACT_DIR, step: int | None = None) -> None:
+    """Log metrics (non-finite values skipped: stores reject NaN) and artifact files into an existing run."""
+    from mlflow.entities import Metric
+
+    client = _client(tracking_uri)
+    now = int(time.time() * 1000)
+    batch = [Metric(key=k, value=float(v), timestamp=now, step=step or 0)
+             for k, v in metrics.items() if v is not None and math.isfinite(float(v))]
+    if batch:
+        client.log_batch(run_id, metrics=batch)
+    for path in dict.fromkeys(artifacts.values()):
+        if Path(path).is_file():
+            client.log_artifact(run_id, path, artifact_path=artifact_path)

@@ -1,0 +1,85 @@
+"""One trial of a search: a full distributed training run driven from inside a Ray Tune trial.
+
+Ray 2.60's Train/Tune interop: the Tune trainable is a *driver function* that builds and fits a Ray Train
+``TorchTrainer`` (here via ``pipeline.distributed.trainer.train``) with
+``ray.tune.integration.ray_train.TuneReportCallback`` in its ``RunConfig(callbacks=...)``; every
+``ray.train.report`` of the workers (step, epoch, reconstruction_mse at each checkpoint) becomes a Tune
+result, which is what ASHA sees. When training and the end-of-training evaluation are done, the driver adds
+one final result carrying the evaluation metrics and ``FINAL_KEY`` (how a finished trial is told apart from
+one a scheduler stopped).
+
+Each trial's training run is named ``<search>-<trial_id>``: its MLflow run (a child of the search's
+parent run) and its Ray Train storage are found again by that name when a restored search reruns it, so an
+interrupted trial continues from its latest Train checkpoint.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+FINAL_KEY = "sparsegen_final"
+TRIAL_TAG = "sparsegen.trial_id"
+SEARCH_TAG = "sparsegen.search"
+STATUS_TAG = "sparsegen.trial_status"
+SEARCHED_TAG = "sparsegen.searched"
+KIND_TAG = "sparsegen.kind"
+
+
+def trial_run_name(search_name: str, trial_id: str) -> str:
+    return f"{search_name}-{trial_id}"
+
+
+def plain(value: Any) -> Any:
+    """numpy scalars (what some Tune domains sample) -> Python scalars, so config type checks pass."""
+    if hasattr(value, "item") and not isinstance(value, (list, dict, str)):
+        try:
+            return value.item()
+        except (TypeError, ValueError):
+            return value
+    return value
+
+
+def trial_config(setup: dict, values: dict[str, Any]):
+    """The validated Config of a trial: preset + overrides + the space's fixed values + sampled values."""
+    from pipeline.config import load_config
+
+    overrides = {**setup["overrides"], **{k: plain(v) for k, v in values.items()}}
+    cfg = load_config(setup["preset"], overrides)
+    cfg.data.url = setup["data_url"]
+    cfg.run.experiment = setup["experiment"]
+    cfg.run.tracking_uri = setup["tracking_uri"]
+    cfg.run.storage = setup["storage"]
+    return cfg
+
+
+def run_trial(config: dict, setup: dict) -> None:
+    """The Tune trainable (a Train driver). ``config``: dotted key -> sampled value; ``setup``: see search.py."""
+    import ray.tune
+    from ray.train._internal.session import get_session
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from pipeline.distributed.trainer import train
+
+    trial_id = ray.tune.get_context().get_trial_id()
+    cfg = trial_config(setup, config)
+    cfg.run.name = trial_run_name(setup["search_name"], trial_id)
+    tags = {
+        TRIAL_TAG: trial_id,
+        SEARCH_TAG: setup["search_name"],
+        STATUS_TAG: "running",
+        SEARCHED_TAG: ",".join(sorted(config)),
+        KIND_TAG: "trial",
+    }
+    result = train(cfg, workdir=setup["workdir"], parent_run_id=setup["parent_run_id"],
+                   callbacks=[TuneReportCallback()], extra_tags=tags)
+
+    from pipeline.tracking import mlflow_run
+
+    mlflow_run.set_tags(setup["tracking_uri"], result["run_id"], {STATUS_TAG: "finished"})
+    final = {k: float(v) for k, v in result["metrics"].items()
+             if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    final.update({FINAL_KEY: 1.0, "mlflow_run_id": result["run_id"], "run_name": result["name"],
+                  "train_checkpoint": result["checkpoint"]})
+    # The final result goes through the same queue TuneReportCallback uses (not a second reporting path
+    # from this thread, which could interleave with the last Train report still being handed over).
+    get_session()._get_or_create_inter_actor_queue().put(final)

@@ -1,0 +1,114 @@
+"""Training on Ray Train: 2 CPU workers, checkpoints, resume, fault injection, MLflow (issue: train on Ray)."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import pipeline
+from pipeline.distributed.checkpoint import load_checkpoint
+from pipeline.distributed.trainer import train
+from pipeline.tracking import mlflow_run
+from tests.conftest import FAST_TRAINING_OVERRIDES
+
+pytestmark = pytest.mark.ray
+
+
+def _cfg(demo_shards, *overrides):
+    cfg = pipeline.load_config("tiny", [*FAST_TRAINING_OVERRIDES, *overrides])
+    cfg.data.url = demo_shards
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("train-workdir")
+
+
+@pytest.fixture(scope="module")
+def two_worker_run(ray_session, demo_shards, workdir):
+    cfg = _cfg(demo_shards, "run.workers=2", "training.max_steps=8", "run.name=two-workers")
+    return train(cfg, workdir=str(workdir))
+
+
+def _runs_named(result, name):
+    client = mlflow_run.client(result["tracking_uri"])
+    experiment = client.get_experiment_by_name("sparsegen")
+    return client.search_runs([experiment.experiment_id], filter_string=f"tags.`{mlflow_run.RUN_NAME_TAG}` = '{name}'")
+
+
+def test_two_workers_finish_and_log_to_mlflow(two_worker_run):
+    result = two_worker_run
+    assert result["metrics"]["step"] == 8
+    client = mlflow_run.client(result["tracking_uri"])
+    run = client.get_run(result["run_id"])
+    assert run.info.status == "FINISHED"
+    params = run.data.params
+    assert params["langevin.steps"] == "3" and params["run.workers"] == "2" and params["preset"] == "tiny"
+    metrics = run.data.metrics
+    for name in ("generator_loss", "critic_loss", "reconstruction_mse", "energy_observed", "energy_synthesized",
+                 "langevin_grad_norm", "images_per_s", "active_fraction_conv8", "data_skipped_samples"):
+        assert name in metrics, name
+    # conv8 keeps k=16 of 64 positions per channel: at most a quarter active.
+    assert 0 < metrics["active_fraction_conv8"] <= 0.25
+    history = client.get_metric_history(result["run_id"], "reconstruction_mse")
+    assert sorted({m.step for m in history}) == [2, 4, 6, 8]
+    artifacts = [a.path for a in client.list_artifacts(result["run_id"], "samples")]
+    assert any(path.endswith(".png") for path in artifacts)
+    assert any(a.path.startswith("reconstructions") for a in client.list_artifacts(result["run_id"]))
+    assert run.data.tags[mlflow_run.CHECKPOINT_TAG] == result["checkpoint"]
+    loaded = load_checkpoint(result["checkpoint"])
+    assert loaded.meta["step"] == 8 and loaded.meta["world_size"] == 2
+    assert loaded.config.run.name == "two-workers"
+
+
+def test_checkpoint_from_two_workers_resumes_on_one_worker_keeping_latents(two_worker_run, demo_shards, workdir):
+    saved = load_checkpoint(two_worker_run["checkpoint"])
+    cfg = _cfg(demo_shards, "run.workers=1", "training.max_steps=9", "run.name=one-worker-from-two")
+    result = train(cfg, workdir=str(workdir), resume_from=two_worker_run["run_id"])  # by MLflow run id
+    resumed = load_checkpoint(result["checkpoint"])
+    assert resumed.meta["step"] == 9 and resumed.meta["world_size"] == 1
+    # One more step on one worker updates exactly one batch (16 examples); every other Z is as saved.
+    changed = (resumed.bank.z != saved.bank.z).any(dim=1)
+    assert 1 <= int(changed.sum()) <= 16
+    assert torch.equal(resumed.bank.z[~changed], saved.bank.z[~changed])
+    # Generator weights continued from the checkpoint rather than a fresh initialisation.
+    fresh = pipeline.build_generator(cfg).state_dict()["fc.weight"]
+    moved = resumed.state["generator"]["fc.weight"]
+    assert (moved - saved.state["generator"]["fc.weight"]).abs().max() < (moved - fresh).abs().max()
+
+
+def test_same_name_again_resumes_the_run(two_worker_run, demo_shards, workdir, capfd):
+    cfg = _cfg(demo_shards, "run.workers=2", "training.max_steps=10", "run.name=two-workers")
+    result = train(cfg, workdir=str(workdir))
+    assert result["resumed"] is True
+    assert result["run_id"] == two_worker_run["run_id"]
+    assert "resuming it from its latest checkpoint" in capfd.readouterr().out
+    assert load_checkpoint(result["checkpoint"]).meta["step"] == 10
+    assert len(_runs_named(result, "two-workers")) == 1
+
+
+def test_crash_on_rank1_resumes_from_last_checkpoint_with_one_mlflow_run(ray_session, demo_shards, workdir):
+    cfg = _cfg(demo_shards, "run.workers=2", "training.max_steps=10", "run.name=crashy",
+               "run.crash_rank=1", "run.crash_at_step=6", "run.max_failures=2")
+    result = train(cfg, workdir=str(workdir))
+    marker = Path(workdir) / "faults" / "crashy-rank1-step6"
+    assert marker.exists(), "the fault was never injected"
+    assert load_checkpoint(result["checkpoint"]).meta["step"] == 10
+    runs = _runs_named(result, "crashy")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    # Steps 5-6 ran twice (before the crash and after restoring the step-4 checkpoint); step 10 was reached.
+    history = mlflow_run.client(result["tracking_uri"]).get_metric_history(result["run_id"], "reconstruction_mse")
+    assert max(m.step for m in history) == 10
+
+
+def test_cli_train_json(ray_session, demo_shards, workdir, capsys):
+    from pipeline.cli import main
+
+    code = main(["train", "--preset", "tiny", *sum((["--set", o] for o in FAST_TRAINING_OVERRIDES), []),
+                 "--data", demo_shards, "--workers", "1", "--max-steps", "2", "--name", "cli-run",
+                 "--workdir", str(workdir), "--json"])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(report) >= {"run_id", "name", "checkpoint", "metrics"} and report["name"] == "cli-run"
