@@ -8,6 +8,7 @@ import torch
 
 from pipeline.evaluation import fid, inception
 from pipeline.evaluation.fid import feature_statistics, frechet_distance
+from tests.test_eval_fixtures import demo_data, tiny_generator  # noqa: F401 - fixtures
 from pipeline.evaluation.inception import (
     FIDInceptionV3,
     InceptionWeightsUnavailable,
@@ -215,7 +216,7 @@ def test_reference_statistics_are_cached_by_manifest(tmp_path, monkeypatch, demo
 
 
 def test_evaluate_fid_defaults_to_training_set_size(tmp_path, monkeypatch, demo_data, tiny_generator):
-    from pipeline.evaluation import evaluate as evaluate_module
+    from pipeline.evaluation import orchestration as evaluate_module
 
     monkeypatch.setenv("SPARSEGEN_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(inception, "load_inception", lambda weights, device="cpu": (TinyFeatures(), "cd" * 32))
@@ -232,7 +233,7 @@ def test_evaluate_fid_defaults_to_training_set_size(tmp_path, monkeypatch, demo_
 
 
 def test_evaluate_without_weights_reports_or_raises(tmp_path, monkeypatch, tiny_generator):
-    from pipeline.evaluation.evaluate import MetricUnavailable, evaluate
+    from pipeline.evaluation.orchestration import MetricUnavailable, evaluate
 
     monkeypatch.delenv(inception.WEIGHTS_ENV, raising=False)
     cfg, generator = tiny_generator

@@ -53,7 +53,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     import os
     import tempfile
 
-    from pipeline.evaluation.evaluate import (
+    from pipeline.evaluation.orchestration import (
         MetricUnavailable,
         checkpoint_of_run,
         evaluate,

@@ -22,14 +22,14 @@ from __future__ import annotations
 import importlib
 
 _LAZY = {
-    "evaluate": "pipeline.evaluation.evaluate",
-    "log_to_mlflow": "pipeline.evaluation.evaluate",
-    "checkpoint_of_run": "pipeline.evaluation.evaluate",
-    "run_exists": "pipeline.evaluation.evaluate",
-    "parse_metrics": "pipeline.evaluation.evaluate",
-    "holdout_mse": "pipeline.evaluation.evaluate",
-    "METRICS": "pipeline.evaluation.evaluate",
-    "MetricUnavailable": "pipeline.evaluation.evaluate",
+    "evaluate": "pipeline.evaluation.orchestration",
+    "log_to_mlflow": "pipeline.evaluation.orchestration",
+    "checkpoint_of_run": "pipeline.evaluation.orchestration",
+    "run_exists": "pipeline.evaluation.orchestration",
+    "parse_metrics": "pipeline.evaluation.orchestration",
+    "holdout_mse": "pipeline.evaluation.orchestration",
+    "METRICS": "pipeline.evaluation.orchestration",
+    "MetricUnavailable": "pipeline.evaluation.orchestration",
     "frechet_distance": "pipeline.evaluation.fid",
     "feature_statistics": "pipeline.evaluation.fid",
     "reference_statistics": "pipeline.evaluation.fid",

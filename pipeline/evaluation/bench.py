@@ -37,7 +37,7 @@ def bench_evaluation(
 
     from pipeline.config import load_config
     from pipeline.data import make_demo_data
-    from pipeline.evaluation.evaluate import holdout_mse, read_images
+    from pipeline.evaluation.orchestration import holdout_mse, read_images
     from pipeline.evaluation.fid import extract_features
     from pipeline.evaluation.inception import FIDInceptionV3
     from pipeline.evaluation.matching import matching_score

@@ -366,7 +366,6 @@ def _check_against_config(params: list[Param], fixed: dict[str, Any], preset: st
     except ConfigError as exc:
         return [f"set/--set: {p}" for p in exc.problems]
 
-    first = {p.key: p.samples()[0] for p in params}
     seen: set[str] = set()
 
     def attempt(values: dict[str, Any], label: str) -> None:
@@ -378,11 +377,21 @@ def _check_against_config(params: list[Param], fixed: dict[str, Any], preset: st
                     seen.add(problem)
                     problems.append(f"{label}: {problem}")
 
+    # Each value on its own first (unknown keys, out-of-range values), then with the other parameters
+    # that passed alone, at their first and at their last values (k's and schedules interact).
+    good = []
     for p in params:
+        before = len(problems)
         for sample in p.samples():
-            attempt({**first, p.key: sample}, f"parameters.{p.key}={sample!r}")
-    if len(params) > 1:  # every parameter at its high end together (k's, schedules...)
-        attempt({p.key: p.samples()[-1] for p in params}, "parameters at their last values")
+            attempt({p.key: sample}, f"parameters.{p.key}={sample!r}")
+        if len(problems) == before:
+            good.append(p)
+    if len(good) > 1 and len(good) == len(params):
+        first = {p.key: p.samples()[0] for p in good}
+        for p in good:
+            for sample in p.samples()[1:]:
+                attempt({**first, p.key: sample}, f"parameters.{p.key}={sample!r} with the others at their first values")
+        attempt({p.key: p.samples()[-1] for p in good}, "parameters all at their last values")
     return problems
 
 
