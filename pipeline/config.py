@@ -104,6 +104,9 @@ class TrainingConfig:
     # "auto": bf16 autocast on CUDA, fp32 on CPU.
     precision: str = "auto"
     device: str = "auto"
+    # Keep conv weights and activations in channels-last layout: oneDNN (CPU) and cuDNN (bf16 tensor
+    # cores) run 3x3 convs without layout reorders (measured 1.2-1.7x per Langevin step on CPU).
+    channels_last: bool = True
 
 
 @dataclass

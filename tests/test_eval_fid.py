@@ -58,6 +58,15 @@ def random_reference_state(seed=0):
     return state
 
 
+@pytest.fixture(scope="module")
+def weights_file(tmp_path_factory):
+    """(path, state) of a random state dict with the reference keys, saved once for the module (95 MB)."""
+    state = random_reference_state()
+    path = tmp_path_factory.mktemp("inception") / "inception-random.pth"
+    torch.save(state, path)
+    return path, state
+
+
 # --- Fréchet distance ------------------------------------------------------------------------------------
 
 def test_fid_of_identical_statistics_is_zero():
@@ -119,21 +128,18 @@ def test_architecture_has_the_reference_keys_and_size():
     assert sum(math.prod(s) for s in shapes.values()) == REFERENCE_VALUES
 
 
-def test_reference_state_dict_loads_strictly_from_path_and_env(tmp_path, monkeypatch):
-    state = random_reference_state()
-    path = tmp_path / "inception-random.pth"
-    torch.save(state, path)
-    model, digest = load_inception(str(path))
-    assert len(digest) == 64
-    assert torch.equal(model.Mixed_7c.branch_pool.conv.weight, state["Mixed_7c.branch_pool.conv.weight"])
-    assert not model.training
+def test_reference_state_dict_loads_strictly_from_path_and_env(weights_file, monkeypatch):
+    path, state = weights_file
     monkeypatch.setenv(inception.WEIGHTS_ENV, str(path))
-    model2, digest2 = load_inception(None)
-    assert digest2 == digest
+    model, digest = load_inception(None)  # from $SPARSEGEN_INCEPTION_WEIGHTS
+    assert len(digest) == 64
+    for key in ("Mixed_7c.branch_pool.conv.weight", "fc.bias", "Conv2d_1a_3x3.bn.running_var"):
+        assert torch.equal(model.state_dict()[key], state[key]), key
+    assert not model.training
+    assert inception.resolve_weights_source("elsewhere.pth") == "elsewhere.pth"  # the argument wins
     # Files from newer PyTorch carry BatchNorm step counters: accepted too.
     state["Conv2d_1a_3x3.bn.num_batches_tracked"] = torch.tensor(0)
-    torch.save(state, path)
-    load_inception(str(path))
+    check_state_dict(state)
 
 
 def test_wrong_keys_or_shapes_are_refused(tmp_path):
@@ -147,9 +153,9 @@ def test_wrong_keys_or_shapes_are_refused(tmp_path):
     assert "fc.bias" in text and "AuxLogits.fc.weight" in text and "Mixed_5b.branch1x1.conv.weight" in text
 
 
-def test_checksum_in_file_name_is_verified(tmp_path):
+def test_checksum_in_file_name_is_verified(tmp_path, weights_file):
     path = tmp_path / inception.REFERENCE_WEIGHTS_NAME  # claims sha256 prefix 6726825d
-    torch.save(random_reference_state(), path)
+    path.symlink_to(weights_file[0])
     with pytest.raises(InceptionWeightsUnavailable, match="does not match the checksum"):
         load_inception(str(path))
 
@@ -164,23 +170,37 @@ def test_missing_weights_message(monkeypatch):
         load_inception("/nonexistent/pt_inception.pth")
 
 
-def test_weights_load_from_s3(tmp_path, s3_env):
+def test_weights_load_from_s3(weights_file, s3_env):
     from pipeline.data import storage
 
-    path = tmp_path / "w.pth"
-    torch.save(random_reference_state(1), path)
+    path = weights_file[0]
     url = f"{s3_env.url}/weights/w.pth"
     storage.write_bytes(url, path.read_bytes())
     _, digest = load_inception(url)
     assert digest == storage.sha256_file(path)
 
 
-def test_pool3_features_shape_and_tf_pooling():
-    torch.manual_seed(0)
-    model = FIDInceptionV3()
-    model.load_state_dict(random_reference_state(), strict=False)
-    features = model(torch.rand(2, 3, 32, 32) * 2 - 1)  # resized to 299 inside
+def test_pool3_features_shape_and_tf_pooling(weights_file):
+    with torch.device("meta"):  # skip the default init of 24M parameters: the state dict overwrites them
+        model = FIDInceptionV3()
+    model = model.to_empty(device="cpu")
+    model.load_state_dict(weights_file[1], strict=False)
+    features = model(torch.rand(2, 3, 75, 75) * 2 - 1, resize=False)  # 75 px: the smallest the graph takes
     assert features.shape == (2, 2048) and torch.isfinite(features).all()
+
+    # By default the input is resized to 299 x 299 (bilinear) before the first convolution; the hook stops the
+    # forward pass right there, so this costs nothing.
+    class Seen(Exception):
+        pass
+
+    def stop(_module, inputs):
+        raise Seen(tuple(inputs[0].shape))
+
+    handle = model.Conv2d_1a_3x3.register_forward_pre_hook(stop)
+    with pytest.raises(Seen) as seen:
+        model(torch.zeros(1, 3, 32, 32))
+    handle.remove()
+    assert seen.value.args[0] == (1, 3, 299, 299)
     # The TF quirks: padding-excluding average pools in A/C/E_1, a max pool in E_2.
     assert model.Mixed_7b.pool == "avg" and model.Mixed_7c.pool == "max"
     x = torch.ones(1, 1, 4, 4)

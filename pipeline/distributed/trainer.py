@@ -162,6 +162,7 @@ def train(
         "mlflow_run_id": run_id,
         "run_name": cfg.run.name,
         "initial_checkpoint": initial_checkpoint_uri,
+        "driver_start_time": time.time(),  # for time_to_first_step_s
         "crash_marker": str(workdir_path / "faults" / f"{cfg.run.name}-rank{cfg.run.crash_rank}-step{cfg.run.crash_at_step}"),
     }
     worker_env = {"MLFLOW_DISABLE_TELEMETRY": "true", "OMP_NUM_THREADS": str(max(1, int(cfg.run.cpus_per_worker)))}

@@ -32,7 +32,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     from pipeline.data import make_loader, open_dataset
     from pipeline.distributed.checkpoint import LoadedCheckpoint, load_checkpoint, write_checkpoint
     from pipeline.learning import ABPLearner, LatentBank
-    from pipeline.learning.learner import unwrap
+    from pipeline.learning.learner import prepare_module, unwrap
     from pipeline.model import build_critic, build_generator
     from pipeline.tracking import mlflow_run
 
@@ -47,8 +47,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     # Same initial weights on every rank (DDP also broadcasts them); per-rank seeds for Langevin noise.
     torch.manual_seed(cfg.training.seed)
-    generator = build_generator(cfg).to(device)
-    critic = build_critic(cfg).to(device) if cfg.training.critic_weight > 0 else None
+    generator = prepare_module(build_generator(cfg), cfg, device)
+    critic = prepare_module(build_critic(cfg), cfg, device) if cfg.training.critic_weight > 0 else None
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     info = open_dataset(cfg.data.url)
@@ -98,6 +98,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     # -- 3. loop ------------------------------------------------------------------------------------------
     window_start, window_images, window_steps = time.perf_counter(), 0, 0
     metric_sums: dict[str, float] = {}
+    first_step_pending = True
     while step < total_steps:
         epoch = step // steps_per_epoch
         skip = step - epoch * steps_per_epoch  # resumed mid-epoch: skip the batches already trained on
@@ -115,6 +116,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
             for key, value in metrics.items():
                 metric_sums[key] = metric_sums.get(key, 0.0) + value
             _maybe_crash(cfg, rank, step, crash_marker)
+            if first_step_pending and is_logger and loop_config.get("driver_start_time"):
+                # Wall time from the driver calling fit() to the end of the first step (Ray's start-up cost).
+                mlflow_run.log_metrics(tracking_uri, run_id,
+                                       {"time_to_first_step_s": time.time() - loop_config["driver_start_time"]}, step)
+            first_step_pending = False
 
             last = step >= total_steps
             # -- 4. log -------------------------------------------------------------------------------

@@ -210,9 +210,10 @@ class FIDInceptionV3(nn.Module):
         for parameter in self.parameters():
             parameter.requires_grad_(False)
 
-    def forward(self, images_pm1: torch.Tensor) -> torch.Tensor:
+    def forward(self, images_pm1: torch.Tensor, resize: bool = True) -> torch.Tensor:
+        """``resize=False`` skips the 299 px resize (only for tests and benchmarks: FID needs the resize)."""
         x = images_pm1
-        if x.shape[-2:] != (INPUT_SIDE_PX, INPUT_SIDE_PX):
+        if resize and x.shape[-2:] != (INPUT_SIDE_PX, INPUT_SIDE_PX):
             # Resizing commutes with the affine [0,1] -> [-1,1] map (bilinear weights sum to 1), so resizing
             # [-1,1] images equals pytorch-fid's resize-then-scale of [0,1] images.
             x = F.interpolate(x, size=(INPUT_SIDE_PX, INPUT_SIDE_PX), mode="bilinear", align_corners=False)
@@ -308,6 +309,13 @@ def load_inception(weights: str | os.PathLike | None = None, device: str | torch
     except Exception as error:  # noqa: BLE001 - torch raises several types for a non-checkpoint file
         raise InceptionWeightsUnavailable(f"Inception weights {source}: not a PyTorch state dict ({error})") from error
     check_state_dict(state)
-    model = FIDInceptionV3()
+    # Built on the meta device and materialised uninitialised: every value is overwritten by the file, so the
+    # default initialisation of 24M parameters would be wasted time.
+    with torch.device("meta"):
+        model = FIDInceptionV3()
+    model = model.to_empty(device="cpu")
+    for name, buffer in model.named_buffers():
+        if _is_optional_key(name):
+            buffer.zero_()
     model.load_state_dict(state, strict=False)  # strictness already checked above, modulo step counters
     return model.to(device).eval(), digest

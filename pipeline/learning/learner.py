@@ -46,6 +46,14 @@ def autocast_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
     return None
 
 
+def prepare_module(module: nn.Module, cfg: Config, device: torch.device) -> nn.Module:
+    """Move a freshly built model to ``device`` in the configured memory layout (before any DDP wrap)."""
+    module = module.to(device)
+    if cfg.training.channels_last:
+        module = module.to(memory_format=torch.channels_last)
+    return module
+
+
 @dataclass
 class StepMetrics:
     generator_loss: torch.Tensor

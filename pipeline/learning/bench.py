@@ -1,0 +1,207 @@
+"""`sparsegen bench step`: the cost of one Algorithm 1 iteration, against a straightforward baseline and
+against the machine's own dense throughput measured in the same process.
+
+Timed, after warm-up, as the median of ``repeats``:
+  * the full iteration of ``ABPLearner.step`` (critic step, l_G Langevin steps, generator step);
+  * the Langevin part alone (``langevin_infer``);
+  * ``baseline_step``: the same algorithm written the obvious way -- Langevin through ``loss.backward()``
+    with parameter gradients on (then thrown away), top-k by ``torch.topk`` + ``scatter``, no compilation.
+
+FLOPs are counted by ``torch.utils.flop_counter.FlopCounterMode`` on one iteration (convolutions and
+matmuls, forward and backward), so "achieved FLOP/s" is counted FLOPs / measured time, and "fraction of
+peak" divides by the dense conv/matmul throughput this process measured on large, well-shaped problems.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from pipeline.config import Config
+from pipeline.learning.langevin import langevin_infer
+from pipeline.learning.latent_bank import LatentBank
+from pipeline.learning.learner import ABPLearner, autocast_dtype, prepare_module
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _median_seconds(fn, device: torch.device, repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def count_flops(fn) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def machine_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32, seconds: float = 2.0) -> dict:
+    """Dense throughput of this process on large conv and matmul problems (FLOP/s), the better of the two."""
+    results = {}
+    size = 2048 if device.type == "cpu" else 8192
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    matmul_flops = 2 * size**3
+    results["matmul_flops_per_s"] = matmul_flops / _time_for(lambda: a @ b, device, seconds)
+    # A 3x3 conv shaped like the generator's widest layers (512 channels at 16x16).
+    batch = 8 if device.type == "cpu" else 256
+    x = torch.randn(batch, 512, 16, 16, device=device, dtype=dtype)
+    w = torch.randn(512, 512, 3, 3, device=device, dtype=dtype)
+    conv_flops = 2 * batch * 512 * 512 * 9 * 16 * 16
+    results["conv_flops_per_s"] = conv_flops / _time_for(
+        lambda: torch.nn.functional.conv2d(x, w, padding=1), device, seconds
+    )
+    results["peak_flops_per_s"] = max(results["matmul_flops_per_s"], results["conv_flops_per_s"])
+    return results
+
+
+def _time_for(fn, device, seconds: float) -> float:
+    fn()
+    _sync(device)
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds or count < 3:
+        fn()
+        count += 1
+    _sync(device)
+    return (time.perf_counter() - start) / count
+
+
+# -- the straightforward implementation -------------------------------------------------------------------
+
+def _exact_topk_generator(cfg: Config, source) -> torch.nn.Module:
+    """A copy of ``source`` whose top-k is topk + scatter ("exact" ties), as a first implementation would."""
+    import copy
+
+    generator = copy.deepcopy(source)
+    generator.ties = "exact"
+    return generator
+
+
+def baseline_step(cfg: Config, generator, critic, opt_g, opt_c, bank: LatentBank, indices, images, rng):
+    """Algorithm 1 written directly from the paper, without the optimisations of ``ABPLearner.step``."""
+    batch = images.shape[0]
+    sigma, delta = cfg.langevin.noise_sigma, cfg.langevin.step_size
+    z_prior = torch.randn(batch, cfg.model.latent_dim, generator=rng, device=images.device)
+    if critic is not None:
+        synthesized = generator(z_prior).detach()
+        loss_c = critic(images).mean() - critic(synthesized).mean()
+        opt_c.zero_grad()
+        loss_c.backward()
+        opt_c.step()
+    z = bank.gather(indices, images.device)
+    for _ in range(cfg.langevin.steps):
+        z = z.detach().requires_grad_(True)
+        energy = ((images - generator(z)) ** 2).sum() / (2 * sigma**2) + (z**2).sum() / 2
+        energy.backward()  # parameter gradients are computed too, and discarded below
+        noise = torch.randn(z.shape, generator=rng, device=z.device)
+        z = z - (delta**2 / 2) * z.grad + delta * noise
+        opt_g.zero_grad()
+    z = z.detach()
+    bank.scatter(indices, z)
+    reconstruction = generator(z)
+    loss_g = ((images - reconstruction) ** 2).sum() / batch / (2 * sigma**2)
+    if critic is not None:
+        loss_g = loss_g + cfg.training.critic_weight * critic(generator(z_prior)).mean()
+    opt_g.zero_grad()
+    loss_g.backward()
+    opt_g.step()
+    if critic is not None:
+        opt_c.zero_grad()  # the critic's gradients from the generator step are discarded
+
+
+def bench_step(cfg: Config, batch_size: int, device: str = "cpu", repeats: int = 3, with_baseline: bool = True,
+               progress=None) -> dict:
+    from pipeline.model import build_critic, build_generator
+
+    device_obj = torch.device(device)
+    torch.manual_seed(0)
+    say = progress or (lambda message: None)
+    generator = prepare_module(build_generator(cfg), cfg, device_obj)
+    critic = prepare_module(build_critic(cfg), cfg, device_obj) if cfg.training.critic_weight > 0 else None
+    bank = LatentBank(batch_size, cfg.model.latent_dim)
+    learner = ABPLearner(cfg, generator, critic, bank, device_obj)
+    images = (torch.rand(batch_size, 3, cfg.model.resolution, cfg.model.resolution) * 2 - 1).to(device_obj)
+    indices = torch.arange(batch_size)
+    lv = cfg.langevin
+
+    say("counting FLOPs")
+    iteration_flops = count_flops(lambda: learner.step(indices, images))
+    z0 = bank.gather(indices, device_obj)
+
+    def langevin():
+        return langevin_infer(generator, z0, images, steps=lv.steps, step_size=lv.step_size,
+                              noise_sigma=lv.noise_sigma, generator_rng=learner.rng,
+                              autocast_dtype=learner.autocast_dtype)
+
+    langevin_flops = count_flops(langevin)
+    say("timing the iteration")
+    iteration_s = _median_seconds(lambda: learner.step(indices, images), device_obj, repeats)
+    say("timing the Langevin loop")
+    langevin_s = _median_seconds(langevin, device_obj, repeats)
+    dtype = autocast_dtype(cfg, device_obj) or torch.float32
+    say("measuring the machine's dense throughput")
+    peak = machine_peak_flops(device_obj, dtype)
+    result = {
+        "preset": cfg.preset,
+        "device": device,
+        "device_name": torch.cuda.get_device_name(device_obj) if device_obj.type == "cuda" else _cpu_name(),
+        "threads": torch.get_num_threads(),
+        "batch_size": batch_size,
+        "langevin_steps": lv.steps,
+        "precision": str(dtype).replace("torch.", ""),
+        "iteration_s": iteration_s,
+        "iteration_images_per_s": batch_size / iteration_s,
+        "langevin_s": langevin_s,
+        "flops_per_image": iteration_flops / batch_size,
+        "langevin_flops_per_image": langevin_flops / batch_size,
+        "iteration_flops_per_s": iteration_flops / iteration_s,
+        "langevin_flops_per_s": langevin_flops / langevin_s,
+        **peak,
+    }
+    result["iteration_fraction_of_peak"] = result["iteration_flops_per_s"] / peak["peak_flops_per_s"]
+    result["langevin_fraction_of_peak"] = result["langevin_flops_per_s"] / peak["peak_flops_per_s"]
+    if with_baseline:
+        say("timing the straightforward baseline")
+        torch.manual_seed(0)
+        base_generator = _exact_topk_generator(cfg, build_generator(cfg)).to(device_obj)
+        base_critic = build_critic(cfg).to(device_obj) if critic is not None else None
+        opt_g = torch.optim.Adam(base_generator.parameters(), lr=cfg.training.generator_lr)
+        opt_c = torch.optim.Adam(base_critic.parameters(), lr=cfg.training.critic_lr) if base_critic else None
+        rng = torch.Generator(device=device_obj).manual_seed(0)
+        base_bank = LatentBank(batch_size, cfg.model.latent_dim)
+        baseline_s = _median_seconds(
+            lambda: baseline_step(cfg, base_generator, base_critic, opt_g, opt_c, base_bank, indices, images, rng),
+            device_obj, repeats,
+        )
+        result["baseline_iteration_s"] = baseline_s
+        result["speedup_vs_baseline"] = baseline_s / iteration_s
+    return result
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "cpu"

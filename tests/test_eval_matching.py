@@ -1,0 +1,62 @@
+"""Table 4's template matching: a planted patch is found; the mosaic equals per-image match_template."""
+
+import numpy as np
+import pytest
+from skimage.feature import match_template
+
+from pipeline.evaluation.matching import ImageMosaic, match_basis_functions, matchable, matching_score
+from tests.test_eval_fixtures import tiny_generator  # noqa: F401 - fixture
+
+
+def _images(n=7, side=24, seed=0):
+    return np.random.default_rng(seed).uniform(-1, 1, size=(n, side, side, 3))
+
+
+@pytest.mark.parametrize("colour", ["gray", "rgb"])
+def test_planted_patch_is_located(colour):
+    images = _images()
+    rng = np.random.default_rng(5)
+    patch = rng.uniform(-1, 1, size=(6, 5, 3))
+    images[4, 10:16, 3:8] = patch * 0.5 + 0.1  # an affine copy: NCC is invariant to gain and offset
+    result = match_basis_functions([np.moveaxis(patch, -1, 0)], images, colour=colour)
+    assert result["scores"][0] == pytest.approx(1.0, abs=1e-6)
+    assert result["locations"][0] == (4, 10, 3)
+    assert result["scored"] == 1 and result["score"] == pytest.approx(1.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("colour", ["gray", "rgb"])
+def test_mosaic_equals_one_call_per_image(colour):
+    images = _images(n=5, side=16, seed=1)
+    template = np.random.default_rng(2).uniform(-1, 1, size=(7, 4, 3))
+    result = ImageMosaic(images, colour).match(template)
+    for i, image in enumerate(images):
+        if colour == "gray":
+            luma = np.array([0.299, 0.587, 0.114])
+            response = match_template(image @ luma, template @ luma)
+        else:
+            response = match_template(image, template)[..., 0]
+        assert result.per_image_best[i] == pytest.approx(response.max(), abs=1e-9)
+        assert tuple(result.per_image_location[i]) == np.unravel_index(response.argmax(), response.shape)
+
+
+def test_unmatchable_patterns_are_skipped():
+    assert not matchable(np.zeros((3, 0, 0)), 16)
+    assert not matchable(np.ones((3, 1, 1)), 16)
+    assert not matchable(np.ones((3, 4, 4)), 16)  # constant: NCC undefined
+    assert not matchable(np.random.rand(3, 20, 4), 16)  # taller than the images
+    result = match_basis_functions([np.zeros((3, 0, 0)), np.random.rand(3, 3, 3)], _images(n=2, side=8))
+    assert result["scores"][0] is None and result["skipped"] == 1 and result["scored"] == 1
+
+
+def test_matching_score_of_a_tiny_model(tiny_generator):
+    import torch
+
+    cfg, generator = tiny_generator
+    images = torch.rand(6, 3, 32, 32) * 2 - 1
+    result = matching_score(generator, images, "conv8", latent_dim=cfg.model.latent_dim, num_latents=2,
+                            units_per_latent=3)
+    assert len(result["units"]) == 6 and result["scored"] + result["skipped"] == 6
+    assert -1.0 <= result["score"] <= 1.0
+    for unit in result["units"]:
+        y0, y1, x0, x1 = unit["box"]
+        assert 0 <= y0 < y1 <= 32 and 0 <= x0 < x1 <= 32 and unit["activation"] > 0
