@@ -103,12 +103,24 @@ def test_crash_on_rank1_resumes_from_last_checkpoint_with_one_mlflow_run(ray_ses
     assert max(m.step for m in history) == 10
 
 
-def test_cli_train_json(ray_session, demo_shards, workdir, capsys):
+def test_cli_train_json_on_a_folder_of_images(ray_session, workdir, tmp_path, capsys):
+    """`sparsegen train --data FOLDER` ingests raw images into shards once, then trains on them."""
+    import numpy as np
+    from PIL import Image
+
     from pipeline.cli import main
 
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(40):
+        Image.fromarray(rng.integers(0, 255, (48, 40, 3), dtype=np.uint8)).save(folder / f"img{i:03d}.png")
     code = main(["train", "--preset", "tiny", *sum((["--set", o] for o in FAST_TRAINING_OVERRIDES), []),
-                 "--data", demo_shards, "--workers", "1", "--max-steps", "2", "--name", "cli-run",
+                 "--data", str(folder), "--workers", "1", "--max-steps", "2", "--name", "cli-run",
                  "--workdir", str(workdir), "--json"])
     assert code == 0
-    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    captured = capsys.readouterr().out
+    assert "holds raw images: ingesting them" in captured
+    report = json.loads(captured.strip().splitlines()[-1])
     assert set(report) >= {"run_id", "name", "checkpoint", "metrics"} and report["name"] == "cli-run"
+    assert (Path(workdir) / "data" / "photos-32px" / "manifest.parquet").exists()

@@ -39,6 +39,22 @@ def ensure_demo_data(cfg: Config, workdir: Path, progress: bool = True) -> str:
     return str(out)
 
 
+def ensure_shards(cfg: Config, workdir: Path) -> str:
+    """``data.url`` itself when it holds shards; a local folder or archive of raw images is ingested once
+    into ``<workdir>/data/<name>-<resolution>px`` (the same as running `sparsegen ingest` first)."""
+    from pipeline.data import ingest, storage
+
+    url = cfg.data.url
+    if storage.is_s3(url) or (Path(url) / "manifest.parquet").exists() or not Path(url).exists():
+        return url  # shards, or an error from open_dataset naming the missing manifest
+    out = workdir / "data" / f"{Path(url).resolve().name}-{cfg.model.resolution}px"
+    if not (out / "manifest.parquet").exists():
+        print(f"[sparsegen] {url} holds raw images: ingesting them into shards at {out}", flush=True)
+        ingest(url, str(out), size=cfg.model.resolution, limit=cfg.data.limit,
+               holdout_fraction=cfg.data.holdout_fraction)
+    return str(out)
+
+
 def init_ray(address: str | None, cfg: Config) -> None:
     """Join RAY_ADDRESS / --address when given, else start (or reuse) an embedded local Ray."""
     import ray
@@ -52,7 +68,7 @@ def init_ray(address: str | None, cfg: Config) -> None:
     # The Train controller needs a CPU of its own besides the workers.
     cpus = max(os.cpu_count() or 2, int(cfg.run.workers * cfg.run.cpus_per_worker) + 1)
     # The dashboard (loopback only) serves the state API that Ray Train's controller monitoring queries.
-    ray.init(num_cpus=cpus, dashboard_host="127.0.0.1", log_to_driver=True)
+    ray.init(num_cpus=cpus, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1", log_to_driver=True)
 
 
 def storage_filesystem(storage: str):
@@ -119,6 +135,8 @@ def train(
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     if cfg.data.url is None:
         cfg.data.url = ensure_demo_data(cfg, workdir_path)
+    else:
+        cfg.data.url = ensure_shards(cfg, workdir_path)
     info = open_dataset(cfg.data.url)  # fails fast, before Ray starts, on a missing manifest
     if info.image_size != cfg.model.resolution:
         print(f"[sparsegen] data is {info.image_size}px, model is {cfg.model.resolution}px: resizing on load", flush=True)

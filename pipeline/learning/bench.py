@@ -176,6 +176,14 @@ def bench_step(cfg: Config, batch_size: int, device: str = "cpu", repeats: int =
     }
     result["iteration_fraction_of_peak"] = result["iteration_flops_per_s"] / peak["peak_flops_per_s"]
     result["langevin_fraction_of_peak"] = result["langevin_flops_per_s"] / peak["peak_flops_per_s"]
+    import resource
+
+    # Peak resident memory of this process so far: one worker's footprint for this preset and batch.
+    result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    bank_100k = LatentBank(100_000, cfg.model.latent_dim)
+    result["latent_bank_100k_memory_mb"] = bank_100k.z.numel() * 4 / 1e6
+    result["latent_bank_100k_parquet_mb"] = len(bank_100k.to_parquet_bytes()) / 1e6
+    del bank_100k
     if with_baseline:
         say("timing the straightforward baseline")
         torch.manual_seed(0)

@@ -1,0 +1,70 @@
+"""Ground-truth part interpretability (demo data) and holdout reconstruction MSE."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.evaluation.parts import NONE_LABEL, cell_labels, firing_counts, part_interpretability, summarise
+from tests.test_eval_fixtures import demo_data, tiny_generator  # noqa: F401 - fixtures
+
+
+def test_cell_labels_use_the_projective_field_centre_and_the_smallest_box():
+    parts = [
+        {"object_type": "face", "part_type": "eye", "slot": "left_eye", "bbox": [0, 0, 16, 16]},
+        {"object_type": "face", "part_type": "nose", "slot": "nose", "bbox": [8, 8, 16, 16]},
+    ]
+    # conv8 at 32 px: cell (y, x) has its centre at ((y + .5) * 4, (x + .5) * 4); the stored images are 64 px,
+    # so boxes are halved.
+    types, slots = cell_labels(parts, "conv8", resolution=32, image_size=64)
+    grid = np.array(types).reshape(8, 8)
+    assert grid[0, 0] == "eye" and grid[1, 1] == "nose" and grid[3, 3] == NONE_LABEL
+    assert np.array(slots).reshape(8, 8)[1, 1] == "face/nose"
+
+
+def test_perfect_units_have_purity_and_nmi_one():
+    vocab = ["eye", NONE_LABEL, "nose"]
+    activations = torch.zeros(2, 2, 1, 3)
+    activations[:, 0, 0, 0] = 1.0  # channel 0 fires only at cell 0 (an eye)
+    activations[:, 1, 0, 2] = 1.0  # channel 1 only at cell 2 (a nose)
+    labels = [["eye", NONE_LABEL, "nose"]] * 2
+    counts = firing_counts(activations, labels, vocab)
+    assert counts.tolist() == [[2, 0, 0], [0, 0, 2]]
+    metrics, details = summarise(counts, vocab, counts, vocab, "conv8", num_images=2)
+    assert metrics["parts_purity_conv8"] == 1.0 and metrics["parts_nmi_conv8"] == pytest.approx(1.0)
+    assert metrics["parts_mi_bits_conv8"] == pytest.approx(1.0)  # two equally likely labels
+    assert metrics["parts_purity_chance_conv8"] == 0.5 and metrics["parts_on_part_fraction_conv8"] == 1.0
+    assert [u["dominant_part_type"] for u in details["units"]] == ["eye", "nose"]
+    # A unit firing everywhere carries no information about the label.
+    everywhere = firing_counts(torch.ones(2, 1, 1, 3), labels, vocab)
+    metrics, _ = summarise(everywhere, vocab, everywhere, vocab, "conv8", num_images=2)
+    assert metrics["parts_mi_bits_conv8"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_part_interpretability_on_demo_data(demo_data, tiny_generator):
+    cfg, generator = tiny_generator
+    metrics, details = part_interpretability(generator, cfg, demo_data, layer="conv8", num_images=6)
+    assert details["num_images"] == 6
+    for key in ("parts_purity_conv8", "parts_nmi_conv8", "parts_on_part_fraction_conv8"):
+        assert 0.0 <= metrics[key] <= 1.0 or math.isnan(metrics[key]), key
+    # conv8 keeps k=16 positions per channel: at most 16 firings per channel and image.
+    assert metrics["parts_firings_per_image_conv8"] <= 16 * 64
+
+
+def test_holdout_mse_and_its_ranges(demo_data, tiny_generator, tmp_path):
+    from pipeline.evaluation import evaluate
+
+    cfg, generator = tiny_generator
+    metrics, _ = evaluate(cfg, generator, demo_data, ["mse"], out_dir=tmp_path, progress=False)
+    assert metrics["holdout_mse_images"] == cfg.evaluation.mse_images
+    assert metrics["holdout_mse_01"] == pytest.approx(metrics["holdout_mse_pm1"] / 4)
+    assert 0 < metrics["holdout_mse_pm1"] <= 4.0  # both images and tanh outputs lie in [-1, 1]
+
+
+def test_parts_without_ground_truth_is_unavailable(tmp_path, tiny_generator):
+    from pipeline.evaluation import MetricUnavailable, evaluate
+
+    cfg, generator = tiny_generator
+    with pytest.raises(MetricUnavailable, match="no dataset"):
+        evaluate(cfg, generator, None, ["parts"], out_dir=tmp_path, progress=False, strict=True)
