@@ -24,7 +24,11 @@ def register(subparsers) -> None:
     source.add_argument("--run", default=None, metavar="RUN_ID", help="MLflow run id of a training run")
     source.add_argument("--checkpoint", default=None, metavar="URI", help="checkpoint directory (local or s3://)")
     parser.add_argument("--data", default=None, metavar="URL",
-                        help="dataset shards (local or s3://); default: the checkpoint config's data.url")
+                        help="dataset shards (local or s3://); default: the checkpoint config's data.url, else the "
+                             "built-in demo data under --workdir (as `sparsegen train` made it)")
+    parser.add_argument("--workdir", default=None,
+                        help="where local runs, the MLflow store and demo data live (default: $SPARSEGEN_WORKDIR or "
+                             "./sparsegen-work, as for `sparsegen train`)")
     parser.add_argument("--metrics", default=None,
                         help="comma-separated subset of fid,mse,matching,tree,parts or 'all' (default: the config's "
                              "evaluation.at_end). Metrics named here are required: if one cannot be computed the "
@@ -33,7 +37,9 @@ def register(subparsers) -> None:
                         help="generated images for FID (default: as many as training images, as the paper)")
     parser.add_argument("--inception-weights", default=None, metavar="PATH|URL|S3_URI",
                         help="pt_inception-2015-12-05-6726825d.pth (default: $SPARSEGEN_INCEPTION_WEIGHTS)")
-    parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI)")
+    parser.add_argument("--tracking-uri", default=None,
+                        help="MLflow tracking URI (default: the checkpoint config's run.tracking_uri, else "
+                             "MLFLOW_TRACKING_URI, else the sqlite store under --workdir, as for `sparsegen train`)")
     parser.add_argument("--out", default=None, help="directory for artifacts (default: a temporary directory)")
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the latents drawn for FID, matching and the tree")
@@ -43,10 +49,16 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run_evaluate)
 
 
-def _tracking_uri(args, cfg=None) -> str | None:
-    import os
+def _tracking_uri(args, cfg=None) -> str:
+    """The same store `sparsegen train` uses: flag, config, $MLFLOW_TRACKING_URI, sqlite under the workdir."""
+    if args.tracking_uri:
+        return args.tracking_uri
+    if cfg is not None and cfg.run.tracking_uri:
+        return cfg.run.tracking_uri
+    from pipeline.distributed.trainer import resolve_workdir
+    from pipeline.tracking.mlflow_run import default_tracking_uri
 
-    return args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or (cfg.run.tracking_uri if cfg else None)
+    return default_tracking_uri(resolve_workdir(args.workdir))
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
@@ -70,10 +82,11 @@ def run_evaluate(args: argparse.Namespace) -> int:
         return 2
 
     # Which checkpoint, and which run (if any) to log into.
-    log_run = None
+    log_run, tracking_uri = None, None
     if args.run:
+        tracking_uri = _tracking_uri(args)
         try:
-            checkpoint = checkpoint_of_run(args.run, _tracking_uri(args))
+            checkpoint = checkpoint_of_run(args.run, tracking_uri)
         except Exception as error:  # noqa: BLE001 - MlflowException / LookupError, reported the same way
             print(f"sparsegen evaluate: cannot find the checkpoint of run {args.run}: {error}", file=sys.stderr)
             return 2
@@ -91,14 +104,20 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if log_run is None and not args.no_log:
         meta = _read_meta(checkpoint, META_FILE)
         candidate = meta.get("mlflow_run_id")
-        if candidate and run_exists(candidate, _tracking_uri(args, cfg)):
+        tracking_uri = _tracking_uri(args, cfg) if candidate else None
+        if candidate and run_exists(candidate, tracking_uri):
             log_run = candidate
         elif candidate:
             print(f"sparsegen evaluate: checkpoint names MLflow run {candidate}, which the tracking store "
-                  f"{_tracking_uri(args, cfg) or '(default)'} does not have; printing only", file=sys.stderr)
+                  f"{tracking_uri} does not have; printing only", file=sys.stderr)
 
     metrics = requested if requested is not None else parse_metrics(cfg.evaluation.at_end)
     data_url = args.data or cfg.data.url
+    if data_url is None and set(metrics) & {"fid", "mse", "matching", "parts"}:
+        # The run trained on the built-in demo data: the same shards, made once under the workdir.
+        from pipeline.distributed.trainer import ensure_demo_data, resolve_workdir
+
+        data_url = ensure_demo_data(cfg, resolve_workdir(args.workdir), progress=not args.no_progress)
     out_dir = args.out or tempfile.mkdtemp(prefix="sparsegen-eval-")
     try:
         results, artifacts = evaluate(
@@ -112,7 +131,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         print(f"sparsegen evaluate: {metric} not computed: {reason}", file=sys.stderr)
 
     if log_run and not args.no_log:
-        log_to_mlflow(log_run, results, artifacts, tracking_uri=_tracking_uri(args, cfg))
+        log_to_mlflow(log_run, results, artifacts, tracking_uri=tracking_uri)
         print(f"logged {len(results)} metrics and {len(artifacts)} artifacts into MLflow run {log_run}", file=sys.stderr)
     for name, value in results.items():
         print(f"{name:40s} {value:.6g}")

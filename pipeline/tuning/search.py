@@ -110,6 +110,7 @@ def run_search(settings: SearchSettings) -> dict:
     from pipeline.tracking import mlflow_run
 
     started = time.monotonic()
+    space, base, resolved = prepare(settings)  # a malformed space fails here, before anything is created
     workdir = resolve_workdir(settings.workdir)
     tune_root = workdir / "tune"
     experiment_path = tune_root / settings.name
@@ -117,7 +118,7 @@ def run_search(settings: SearchSettings) -> dict:
     resuming = tune.Tuner.can_restore(str(experiment_path))
     if resuming and stored is not None:
         settings = _merge_stored(settings, stored)
-    space, base, resolved = prepare(settings)
+        space, base, resolved = prepare(settings)
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
     data_url = settings.data_url or base.data.url or ensure_demo_data(base, workdir)

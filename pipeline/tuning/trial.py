@@ -80,6 +80,28 @@ def run_trial(config: dict, setup: dict) -> None:
              if isinstance(v, (int, float)) and not isinstance(v, bool)}
     final.update({FINAL_KEY: 1.0, "mlflow_run_id": result["run_id"], "run_name": result["name"],
                   "train_checkpoint": result["checkpoint"]})
-    # The final result goes through the same queue TuneReportCallback uses (not a second reporting path
-    # from this thread, which could interleave with the last Train report still being handed over).
-    get_session()._get_or_create_inter_actor_queue().put(final)
+    _wait_until_reports_delivered(get_session())
+    ray.tune.report(final)
+
+
+def _wait_until_reports_delivered(session, settle_s: float = 1.0, timeout_s: float = 120.0) -> None:
+    """Block until Tune has taken every Train report TuneReportCallback handed over.
+
+    Those reports reach Tune through the session's inter-actor queue, which the trial's main thread
+    drains; a report from this thread while one of them is still being handed over would race it for
+    the session's one-slot result queue. Both queues empty for ``settle_s`` means the hand-over is done.
+    """
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    quiet_since = None
+    while time.monotonic() < deadline:
+        inter = session._inter_actor_queue
+        idle = (inter is None or inter.empty()) and session.result_queue.empty()
+        if not idle:
+            quiet_since = None
+        elif quiet_since is None:
+            quiet_since = time.monotonic()
+        elif time.monotonic() - quiet_since >= settle_s:
+            return
+        time.sleep(0.1)
