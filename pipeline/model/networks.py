@@ -67,6 +67,18 @@ class ScaledConv2d(nn.Module):
         return F.conv2d(x, weight, self.bias if use_bias else None, padding=1)
 
 
+def conv_blocks(in_channels: int, widths: list[int], convs_per_block: int, equalized: bool) -> nn.ModuleList:
+    """One block of ``convs_per_block`` 3x3 convs per width (the first conv of a block changes the width)."""
+    blocks = []
+    for width in widths:
+        convs = []
+        for _ in range(convs_per_block):
+            convs.append(ScaledConv2d(in_channels, width, equalized))
+            in_channels = width
+        blocks.append(nn.ModuleList(convs))
+    return nn.ModuleList(blocks)
+
+
 class SparseGenerator(nn.Module):
     """g(Z; Theta, k): the generator of Eq. 7 with top-k sparsity after the activation of each layer."""
 
@@ -83,16 +95,8 @@ class SparseGenerator(nn.Module):
         self.layer_names = cfg.layer_names()
         fc_out = 16 * (m.cell_channels if m.first_layer == "cells" else m.fc_channels)
         self.fc = ScaledLinear(m.latent_dim, fc_out, equalized)
-        blocks = []
-        in_channels = m.fc_channels
-        for width in m.widths:
-            convs = []
-            for _ in range(m.convs_per_block):
-                convs.append(ScaledConv2d(in_channels, width, equalized))
-                in_channels = width
-            blocks.append(nn.ModuleList(convs))
-        self.blocks = nn.ModuleList(blocks)
-        self.to_rgb = ScaledConv2d(in_channels, 3, equalized, gain=1.0)
+        self.blocks = conv_blocks(m.fc_channels, m.widths, m.convs_per_block, equalized)
+        self.to_rgb = ScaledConv2d(m.widths[-1], 3, equalized, gain=1.0)
         self.k: dict[str, int | None] = {}
         self.set_sparsity({name: cfg.resolved_k(name) for name in self.layer_names})
 
@@ -183,16 +187,8 @@ class EnergyCritic(nn.Module):
         self.slope = m.leaky_relu_slope
         self.reference_sigma = cfg.training.critic_reference_sigma
         self.stem = ScaledConv2d(3, m.critic_first_width, equalized)
-        blocks = []
-        in_channels = m.critic_first_width
-        for width in m.critic_widths:
-            convs = []
-            for _ in range(m.critic_convs_per_block):
-                convs.append(ScaledConv2d(in_channels, width, equalized))
-                in_channels = width
-            blocks.append(nn.ModuleList(convs))
-        self.blocks = nn.ModuleList(blocks)
-        self.head = ScaledLinear(in_channels * 16, 1, equalized, gain=1.0)
+        self.blocks = conv_blocks(m.critic_first_width, m.critic_widths, m.critic_convs_per_block, equalized)
+        self.head = ScaledLinear(m.critic_widths[-1] * 16, 1, equalized, gain=1.0)
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         """f(Y) per image, shape (B,)."""
