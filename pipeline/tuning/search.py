@@ -93,8 +93,12 @@ def prepare(settings: SearchSettings) -> tuple[SearchSpace, Any, dict]:
         bad = [p.key for p in space.parameters if not p.is_categorical()]
         if bad:
             raise SpaceError(space.source, [f"parameters.{k}: grid search needs 'choice' values" for k in bad])
-    if scheduler["kind"] == "pbt" and len(space.metric) > 1:
-        raise SpaceError(space.source, ["scheduler pbt: population based training optimises one metric"])
+    if scheduler["kind"] == "pbt":
+        # PBT exploits by restarting a trial from another trial's Tune checkpoint; TuneReportCallback hands
+        # Tune only the Train checkpoint's path (a metric), so PBT would never exploit anything.
+        raise SpaceError(space.source, [
+            "scheduler pbt: not supported yet -- trials report their Ray Train checkpoints to Tune as paths, "
+            "not Tune checkpoints, so PBT could not copy weights between trials; use asha or none"])
     trials = space.grid_size() if search == "grid" else (settings.trials or space.trials or 4)
     per_trial = TRIAL_DRIVER_CPUS + base.run.workers * base.run.cpus_per_worker
     resolved = {"search": search, "scheduler": scheduler, "trials": trials, "per_trial_cpus": per_trial,
@@ -231,12 +235,7 @@ def _scheduler(options: dict, space: SearchSpace):
         return ASHAScheduler(time_attr="training_iteration", metric=options["metric"], mode=options["mode"],
                              max_t=int(options.get("max_t", 1000)), grace_period=int(options.get("grace_period", 1)),
                              reduction_factor=float(options.get("reduction_factor", 2)))
-    from ray.tune.schedulers import PopulationBasedTraining
-
-    mutations = {p.key: p.to_tune("random") for p in space.parameters if p.kind != "value"}
-    return PopulationBasedTraining(time_attr="training_iteration", metric=options["metric"], mode=options["mode"],
-                                   perturbation_interval=float(options.get("perturbation_interval", 2)),
-                                   hyperparam_mutations=mutations)
+    raise ValueError(f"unsupported scheduler {kind!r}")  # pbt is refused in prepare()
 
 
 def _init_ray(address: str | None, resolved: dict) -> None:
