@@ -35,7 +35,7 @@ FAST = [
 SPACE = {
     "metric": "reconstruction_mse",
     "mode": "min",
-    "scheduler": {"kind": "asha", "grace_period": 1, "reduction_factor": 2},
+    "scheduler": {"kind": "asha", "metric": "holdout_mse_pm1", "mode": "min", "grace_period": 1, "reduction_factor": 2},
     "parameters": {
         "langevin.step_size": {"loguniform": [0.1, 0.4]},
         "model.sparsity.conv8": {"choice": [8, 16, 0.5]},
@@ -123,7 +123,7 @@ def test_search_interrupted_after_first_trial_resumes_and_completes(ray_session,
         expected = {"finished": "FINISHED", "stopped": "KILLED"}[child.data.tags["sparsegen.trial_status"]]
         assert child.info.status == expected, (child.info.run_name, child.info.status, child.data.tags)
     finished = [c for c in children if c.data.tags["sparsegen.trial_status"] == "finished"]
-    assert all("reconstruction_mse" in c.data.metrics for c in finished)
+    assert all("reconstruction_mse" in c.data.metrics and "holdout_mse_pm1" in c.data.metrics for c in finished)
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     artifacts |= {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
     assert {"space.yaml", "trials.csv", "best_config.yaml", "summary.json",

@@ -93,6 +93,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
     # Fixed images and prior latents for the grids, so pictures are comparable across steps.
     grid_z = torch.randn(32, cfg.model.latent_dim, generator=torch.Generator().manual_seed(1234)).to(device)
     grid_images = None
+    # A fixed holdout batch for the intermediate holdout MSE that Tune's ASHA stops trials on.
+    holdout_images = None
+    if is_logger and info.num_holdout > 0:
+        holdout_loader = make_loader(info, split="holdout", batch_size=min(32, info.num_holdout), shuffle=False,
+                                     on_error=cfg.data.on_error, image_size=cfg.model.resolution)
+        holdout_images = next(iter(holdout_loader))[1].to(device)
     crash_marker = loop_config.get("crash_marker")
 
     # -- 3. loop ------------------------------------------------------------------------------------------
@@ -145,6 +151,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 bank.merge_across_ranks(device if device.type == "cuda" else None)
                 report = {"step": step, "epoch": step / steps_per_epoch,
                           "reconstruction_mse": metrics["reconstruction_mse"]}
+                if is_logger and holdout_images is not None:
+                    report["holdout_mse_pm1"] = _holdout_mse(cfg, unwrap(generator), holdout_images)
+                    mlflow_run.log_metrics(tracking_uri, run_id, {"holdout_mse_pm1": report["holdout_mse_pm1"]}, step)
                 if is_logger:
                     with tempfile.TemporaryDirectory() as directory:
                         meta = {"step": step, "epoch": step / steps_per_epoch, "world_size": world_size,
@@ -187,6 +196,14 @@ def _sparsity_metrics(generator, z: torch.Tensor) -> dict[str, float]:
     """Measured fraction of non-zero units per sparsified layer (on fixed prior samples)."""
     _, activations = generator(z[:8], return_activations=True)
     return {f"active_fraction_{name}": (act != 0).float().mean().item() for name, act in activations.items()}
+
+
+def _holdout_mse(cfg, generator, images: torch.Tensor) -> float:
+    """Per-pixel MSE (images in [-1, 1]) of holdout images reconstructed by Langevin from the prior."""
+    from pipeline.learning.learner import reconstruct
+
+    _, recon = reconstruct(generator, images, cfg, seed=0)
+    return float((recon - images).pow(2).mean())
 
 
 @torch.no_grad()

@@ -26,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.tuning.space import INTERMEDIATE_METRIC, SearchSpace, SpaceError, load_space, required_evaluations
+from pipeline.tuning.space import INTERMEDIATE_METRIC, INTERMEDIATE_METRICS, SearchSpace, SpaceError, load_space, required_evaluations
 from pipeline.tuning.trial import (FINAL_KEY, KIND_TAG, SEARCH_TAG, SEARCHED_TAG, STATUS_TAG, TRIAL_TAG,
                                    trial_config, trial_run_name)
 
@@ -81,13 +81,13 @@ def prepare(settings: SearchSettings) -> tuple[SearchSpace, Any, dict]:
             scheduler = {"kind": settings.scheduler}
     scheduler.setdefault("kind", "asha")
     if scheduler["kind"] != "none":
-        objective_is_intermediate = len(space.metric) == 1 and space.metric[0] == INTERMEDIATE_METRIC
+        objective_is_intermediate = len(space.metric) == 1 and space.metric[0] in INTERMEDIATE_METRICS
         scheduler.setdefault("metric", space.metric[0] if objective_is_intermediate else INTERMEDIATE_METRIC)
         scheduler.setdefault("mode", space.mode[0] if objective_is_intermediate else "min")
-        if scheduler["metric"] != INTERMEDIATE_METRIC:
+        if scheduler["metric"] not in INTERMEDIATE_METRICS:
             raise SpaceError(space.source, [
                 f"scheduler.metric: {scheduler['metric']!r} is not reported during training; early stopping "
-                f"can only use {INTERMEDIATE_METRIC!r} (reported at every Ray Train checkpoint)"])
+                f"can only use {' or '.join(map(repr, INTERMEDIATE_METRICS))} (reported at every Ray Train checkpoint)"])
     search = settings.search or space.search or "optuna"
     if search == "grid":
         bad = [p.key for p in space.parameters if not p.is_categorical()]
@@ -185,8 +185,9 @@ def run_search(settings: SearchSettings) -> dict:
                 verbose=1,
             ),
         )
-    if any(m != INTERMEDIATE_METRIC for m in space.metric):
-        # Objectives computed at the end of training are absent from the intermediate results.
+    if any(m not in INTERMEDIATE_METRICS for m in space.metric) or resolved["scheduler"].get("metric") == "holdout_mse_pm1":
+        # Objectives computed at the end of training are absent from the intermediate results, and the
+        # holdout MSE is absent from the reports of ranks other than 0.
         os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     mlflow_run.set_tags(tracking_uri, parent_id, {"sparsegen.search_status": "running"})
     results = tuner.fit()

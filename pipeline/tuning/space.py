@@ -52,8 +52,11 @@ SCHEDULER_KEYS = {
 }
 # Keys a trial may not vary: they name where the trial's run lives, not how it trains.
 NOT_SEARCHABLE = ("run.name", "run.storage", "run.tracking_uri", "run.experiment", "data.url", "preset")
-# The metric reported at every Ray Train checkpoint (the only one available before the end of a trial).
+# The metrics reported at every Ray Train checkpoint (the only ones available before the end of a trial):
+# the training batch's reconstruction MSE, and the holdout MSE of a fixed holdout batch (Langevin from the
+# prior; present when the data has a holdout split). INTERMEDIATE_METRIC is the default objective.
 INTERMEDIATE_METRIC = "reconstruction_mse"
+INTERMEDIATE_METRICS = ("reconstruction_mse", "holdout_mse_pm1")
 # End-of-training evaluations that produce a metric (prefix -> evaluation.at_end entry).
 METRIC_SOURCES = (("holdout_mse", "mse"), ("matching_", "matching"), ("fid", "fid"), ("parts_", "parts"),
                   ("tree_", "tree"))
