@@ -15,7 +15,7 @@ def register(subparsers) -> None:
             "Run a Ray Tune search whose trials are full Ray Train runs of `sparsegen train`. The search space is "
             "a YAML file (or the name of a shipped one: paper, cpu-small) mapping dotted config keys to "
             "distributions, e.g. 'parameters: {langevin.steps: {choice: [10, 20]}, langevin.step_size: "
-            "{loguniform: [0.05, 0.5]}}'. ASHA stops weak trials early on the training reconstruction MSE. "
+            "{loguniform: [0.05, 0.5]}}'. ASHA stops weak trials early on an intermediate metric reported at every checkpoint (holdout_mse_pm1 or the training reconstruction_mse). "
             "MLflow gets one parent run per search and one nested child run per trial. Running the same --name "
             "again resumes an interrupted search."
         ),
