@@ -58,6 +58,8 @@ def test_two_workers_finish_and_log_to_mlflow(two_worker_run):
     assert any(path.endswith(".png") for path in artifacts)
     assert any(a.path.startswith("reconstructions") for a in client.list_artifacts(result["run_id"]))
     assert run.data.tags[mlflow_run.CHECKPOINT_TAG] == result["checkpoint"]
+    listed = json.loads(Path(client.download_artifacts(result["run_id"], "checkpoints.json")).read_text())
+    assert listed["latest"] == result["checkpoint"] and result["checkpoint"] in listed["kept"]
     loaded = load_checkpoint(result["checkpoint"])
     assert loaded.meta["step"] == 8 and loaded.meta["world_size"] == 2
     assert loaded.config.run.name == "two-workers"

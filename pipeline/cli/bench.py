@@ -36,6 +36,8 @@ def register(subparsers) -> None:
     add_config_arguments(data)
     data.add_argument("--source", default=None, help="a folder of images (default: generated photo-like JPEGs)")
     data.add_argument("--n", type=int, default=2000, help="generated images when --source is not given")
+    data.add_argument("--size", type=int, default=None,
+                      help="image side for ingest and read (default: the preset's resolution)")
     data.add_argument("--batch", type=int, default=32, help="trainer batch for the consumption rate")
     data.add_argument("--s3-loopback", action="store_true", help="also read from a moto_server on 127.0.0.1")
     data.add_argument("--json", action="store_true")
@@ -85,7 +87,7 @@ def run_data(args: argparse.Namespace) -> int:
         server, endpoint = _start_loopback_moto()
     try:
         _progress("ingest and read")
-        result = bench_data(args.source, n_images=args.n, size=cfg.model.resolution, s3_url=s3_url,
+        result = bench_data(args.source, n_images=args.n, size=args.size or cfg.model.resolution, s3_url=s3_url,
                             s3_endpoint=endpoint)
     finally:
         if server is not None:

@@ -15,7 +15,9 @@ def register(subparsers) -> None:
             "Run a Ray Tune search whose trials are full Ray Train runs of `sparsegen train`. The search space is "
             "a YAML file (or the name of a shipped one: paper, cpu-small) mapping dotted config keys to "
             "distributions, e.g. 'parameters: {langevin.steps: {choice: [10, 20]}, langevin.step_size: "
-            "{loguniform: [0.05, 0.5]}}'. ASHA stops weak trials early on an intermediate metric reported at every checkpoint (holdout_mse_pm1 or the training reconstruction_mse). "
+            "{loguniform: [0.05, 0.5]}}'. ASHA stops weak trials early on an intermediate metric reported at every checkpoint (holdout_mse_pm1 or the training reconstruction_mse); "
+            "PBT (--scheduler pbt, with search random or grid) instead restarts weak trials from a strong trial's checkpoint "
+            "with perturbed hyperparameters every 'perturbation_interval' checkpoints (keys that change parameter shapes cannot be searched). "
             "MLflow gets one parent run per search and one nested child run per trial. Running the same --name "
             "again resumes an interrupted search."
         ),
@@ -31,7 +33,9 @@ def register(subparsers) -> None:
     tune.add_argument("--max-concurrent", type=int, default=None, metavar="M",
                       help="trials running at once (default: the space's, else as many as the CPUs allow)")
     tune.add_argument("--scheduler", choices=["asha", "pbt", "none"], default=None,
-                      help="early stopping (default: the space's, else asha)")
+                      help="asha: stop weak trials early; pbt: population-based training (weak trials continue from strong "
+                           "trials' checkpoints with perturbed hyperparameters; needs --search random or grid); "
+                           "none (default: the space's, else asha)")
     tune.add_argument("--search", choices=["optuna", "random", "grid"], default=None,
                       help="search algorithm (default: the space's, else optuna)")
     tune.add_argument("--metric", default=None, metavar="NAME[,NAME]",

@@ -214,11 +214,27 @@ def train(
     if filesystem is not None or cfg.run.storage.startswith("s3://"):
         checkpoint_uri = "s3://" + checkpoint_uri.removeprefix("s3://")
     mlflow_run.set_tags(tracking_uri, run_id, {mlflow_run.CHECKPOINT_TAG: checkpoint_uri})
+    _log_checkpoint_uris(result, checkpoint_uri, tracking_uri, run_id, s3=checkpoint_uri.startswith("s3://"))
     metrics = dict(result.metrics or {})
     metrics.update(_evaluate_at_end(cfg, checkpoint_uri, tracking_uri, run_id, workdir_path))
     mlflow_run.finish_run(tracking_uri, run_id, "FINISHED")
     return {"run_id": run_id, "name": cfg.run.name, "checkpoint": checkpoint_uri, "metrics": metrics,
             "tracking_uri": tracking_uri, "resumed": resuming}
+
+
+def _log_checkpoint_uris(result, latest_uri: str, tracking_uri: str, run_id: str, s3: bool) -> None:
+    """The kept checkpoints' URIs as a run artifact (checkpoints themselves stay in run storage)."""
+    import json
+    import tempfile
+
+    from pipeline.tracking import mlflow_run
+
+    kept = [checkpoint.path for checkpoint, _metrics in (result.best_checkpoints or [])]
+    uris = [("s3://" + p.removeprefix("s3://")) if s3 else p for p in kept]
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(directory) / "checkpoints.json"
+        path.write_text(json.dumps({"latest": latest_uri, "kept": uris}, indent=1))
+        mlflow_run.log_artifact(tracking_uri, run_id, str(path))
 
 
 def _loop_entry(loop_config: dict) -> None:

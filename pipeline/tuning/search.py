@@ -86,19 +86,30 @@ def prepare(settings: SearchSettings) -> tuple[SearchSpace, Any, dict]:
         scheduler.setdefault("mode", space.mode[0] if objective_is_intermediate else "min")
         if scheduler["metric"] not in INTERMEDIATE_METRICS:
             raise SpaceError(space.source, [
-                f"scheduler.metric: {scheduler['metric']!r} is not reported during training; early stopping "
+                f"scheduler.metric: {scheduler['metric']!r} is not reported during training; the scheduler "
                 f"can only use {' or '.join(map(repr, INTERMEDIATE_METRICS))} (reported at every Ray Train checkpoint)"])
     search = settings.search or space.search or "optuna"
+    if scheduler["kind"] == "pbt":
+        from pipeline.tuning.pbt import DEFAULT_PERTURBATION_INTERVAL, check_space
+
+        problems = check_space(space)
+        if search == "optuna":
+            # PBT explores by perturbing its own population; Tune refuses it with a search algorithm that
+            # suggests configs (Optuna). Random (or grid) sampling only draws the initial population.
+            if settings.search or space.search:
+                problems.append("search optuna: scheduler pbt needs search 'random' (or 'grid'): PBT perturbs "
+                                "its own population and cannot be combined with Optuna")
+            else:
+                search = "random"
+                print("[sparsegen] scheduler pbt: sampling the initial population with search 'random' "
+                      "(PBT does not combine with Optuna)", flush=True)
+        if problems:
+            raise SpaceError(space.source, problems)
+        scheduler.setdefault("perturbation_interval", DEFAULT_PERTURBATION_INTERVAL)
     if search == "grid":
         bad = [p.key for p in space.parameters if not p.is_categorical()]
         if bad:
             raise SpaceError(space.source, [f"parameters.{k}: grid search needs 'choice' values" for k in bad])
-    if scheduler["kind"] == "pbt":
-        # PBT exploits by restarting a trial from another trial's Tune checkpoint; TuneReportCallback hands
-        # Tune only the Train checkpoint's path (a metric), so PBT would never exploit anything.
-        raise SpaceError(space.source, [
-            "scheduler pbt: not supported yet -- trials report their Ray Train checkpoints to Tune as paths, "
-            "not Tune checkpoints, so PBT could not copy weights between trials; use asha or none"])
     trials = space.grid_size() if search == "grid" else (settings.trials or space.trials or 4)
     per_trial = TRIAL_DRIVER_CPUS + base.run.workers * base.run.cpus_per_worker
     resolved = {"search": search, "scheduler": scheduler, "trials": trials, "per_trial_cpus": per_trial,
@@ -154,11 +165,16 @@ def run_search(settings: SearchSettings) -> dict:
         "preset": settings.preset, "overrides": resolved["overrides"], "data_url": data_url,
         "workdir": str(workdir), "tracking_uri": tracking_uri, "experiment": experiment,
         "storage": str(workdir / "runs"), "search_name": settings.name, "parent_run_id": parent_id,
+        "scheduler": resolved["scheduler"]["kind"],
     }
     from pipeline.tuning.trial import run_trial
 
     trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), {"CPU": TRIAL_DRIVER_CPUS})
     status_callback = TrialStatusCallback(tracking_uri, experiment, settings.name, parent_id)
+    if resolved["scheduler"]["kind"] == "pbt" and settings.seed is not None:
+        import random
+
+        random.seed(settings.seed)  # PBT draws its exploits and perturbations from Python's random module
     if resuming:
         print(f"[sparsegen] resuming the interrupted search at {experiment_path}: finished trials are kept, "
               f"unfinished and errored ones run again from their latest checkpoints", flush=True)
@@ -236,7 +252,11 @@ def _scheduler(options: dict, space: SearchSpace):
         return ASHAScheduler(time_attr="training_iteration", metric=options["metric"], mode=options["mode"],
                              max_t=int(options.get("max_t", 1000)), grace_period=int(options.get("grace_period", 1)),
                              reduction_factor=float(options.get("reduction_factor", 2)))
-    raise ValueError(f"unsupported scheduler {kind!r}")  # pbt is refused in prepare()
+    if kind == "pbt":
+        from pipeline.tuning.pbt import make_scheduler
+
+        return make_scheduler(options, space, FINAL_KEY)
+    raise ValueError(f"unsupported scheduler {kind!r}")
 
 
 def _init_ray(address: str | None, resolved: dict) -> None:
@@ -283,7 +303,8 @@ class TrialStatusCallback(_ray_tune_callback_base()):
 
     def _mark(self, trial_id: str, status: str) -> None:
         try:
-            run = find_child_run(self.tracking_uri, self.experiment, trial_run_name(self.search_name, trial_id))
+            run = find_child_run(self.tracking_uri, self.experiment, trial_run_name(self.search_name, trial_id),
+                                 self.search_name, trial_id)
             if run is not None:
                 mark_run(self.tracking_uri, run.info.run_id, status)
         except Exception as exc:  # never break the search over bookkeeping
@@ -322,7 +343,7 @@ def reconcile_child_runs(trials: list[dict], tracking_uri: str, experiment: str,
     from pipeline.tracking import mlflow_run
 
     for trial in trials:
-        run = find_child_run(tracking_uri, experiment, trial["run_name"])
+        run = find_child_run(tracking_uri, experiment, trial["run_name"], setup["search_name"], trial["trial_id"])
         if run is None:
             if trial["status"] != "failed":
                 continue
@@ -332,13 +353,24 @@ def reconcile_child_runs(trials: list[dict], tracking_uri: str, experiment: str,
                       SEARCHED_TAG: ",".join(sorted(trial["params"]))})
         else:
             run_id = run.info.run_id
+            if setup.get("scheduler") == "pbt":
+                from pipeline.tuning.pbt import EXPLOITS_METRIC
+
+                trial["metrics"][EXPLOITS_METRIC] = float(run.data.metrics.get(EXPLOITS_METRIC, 0.0))
         trial["run_id"] = run_id
         mark_run(tracking_uri, run_id, trial["status"], error=trial.get("error"))
 
 
-def find_child_run(tracking_uri: str, experiment: str, run_name: str):
+def find_child_run(tracking_uri: str, experiment: str, run_name: str, search_name: str | None = None,
+                   trial_id: str | None = None):
+    """A trial's child run: by its search and trial tags when given (under PBT its ``sparsegen.run_name``
+    names its current Train run), else by run name."""
     from pipeline.tracking import mlflow_run
 
+    if search_name and trial_id:
+        from pipeline.tuning.pbt import find_trial_run
+
+        return find_trial_run(tracking_uri, experiment, search_name, trial_id, run_name)
     exp = mlflow_run.client(tracking_uri).get_experiment_by_name(experiment)
     return None if exp is None else mlflow_run.find_run(tracking_uri, exp.experiment_id, run_name)
 
@@ -366,6 +398,8 @@ def summarize(trials, space, settings, resolved, setup, parent_id, tracking_uri,
         "metric": space.metric, "mode": space.mode, "trials": len(trials), **{f"trials_{k}": v for k, v in counts.items()},
         "trial_runs": {t["trial_id"]: t["run_id"] for t in trials},
     }
+    if resolved["scheduler"]["kind"] == "pbt":  # restarts of trials from other trials' checkpoints
+        summary["pbt_exploits"] = int(sum(t["metrics"].get("pbt_exploits", 0) for t in trials))
     if len(space.metric) == 1:
         best = best_trial(trials, space.metric[0], space.mode[0])
         if best is not None:
@@ -418,6 +452,8 @@ def log_summary(summary: dict, trials: list[dict], space: SearchSpace, settings:
         metrics[f"best_{space.metric[0]}"] = float(summary["best"][space.metric[0]])
     if "pareto" in summary:
         metrics["pareto_size"] = float(len(summary["pareto"]))
+    if "pbt_exploits" in summary:
+        metrics["pbt_exploits"] = float(summary["pbt_exploits"])
     mlflow_run.log_metrics(tracking_uri, parent_id, metrics, step=0)
     tags = {"sparsegen.search_status": "finished"}
     if "best" in summary:

@@ -10,7 +10,8 @@ Schema (every top-level key but ``parameters`` is optional)::
     search: optuna                        # optuna | random | grid
     scheduler: asha                       # asha | pbt | none, or a mapping:
     #   {kind: asha, metric: reconstruction_mse, mode: min, grace_period: 1, reduction_factor: 2}
-    #   {kind: pbt, perturbation_interval: 2}
+    #   {kind: pbt, metric: holdout_mse_pm1, mode: min, perturbation_interval: 2, quantile_fraction: 0.25,
+    #    resample_probability: 0.25, burn_in_period: 0}   # intervals count Ray Train checkpoints
     set:                                  # fixed overrides applied to every trial (dotted keys)
       training.max_steps: 600
     parameters:                           # dotted config key -> one distribution
@@ -47,7 +48,8 @@ MODES = ("min", "max")
 TOP_LEVEL = ("description", "metric", "mode", "trials", "max_concurrent", "search", "scheduler", "set", "parameters")
 SCHEDULER_KEYS = {
     "asha": ("kind", "metric", "mode", "grace_period", "reduction_factor", "max_t"),
-    "pbt": ("kind", "metric", "mode", "perturbation_interval"),
+    "pbt": ("kind", "metric", "mode", "perturbation_interval", "quantile_fraction", "resample_probability",
+            "burn_in_period"),
     "none": ("kind",),
 }
 # Keys a trial may not vary: they name where the trial's run lives, not how it trains.
@@ -344,6 +346,17 @@ def _parse_scheduler(value: Any, problems: list[str]) -> dict[str, Any]:
             problems.append(f"scheduler.{key}: expected a positive number, got {value[key]!r}")
     if "mode" in value and value["mode"] not in MODES:
         problems.append(_unknown("scheduler mode", value["mode"], list(MODES)))
+    for key, lo, hi, text in (("quantile_fraction", 0.0, 0.5, "in (0, 0.5]"),
+                              ("resample_probability", 0.0, 1.0, "in [0, 1]"),
+                              ("burn_in_period", 0.0, math.inf, ">= 0")):
+        if key not in value:
+            continue
+        number = value[key]
+        ok = isinstance(number, (int, float)) and not isinstance(number, bool) and lo <= number <= hi
+        if key == "quantile_fraction" and ok and number == 0:
+            ok = False
+        if not ok:
+            problems.append(f"scheduler.{key}: expected a number {text}, got {number!r}")
     return dict(value)
 
 

@@ -11,6 +11,10 @@ one a scheduler stopped).
 Each trial's training run is named ``<search>-<trial_id>``: its MLflow run (a child of the search's
 parent run) and its Ray Train storage are found again by that name when a restored search reruns it, so an
 interrupted trial continues from its latest Train checkpoint.
+
+Under PBT the Train reports reach Tune through ``pipeline.tuning.pbt`` instead (each Train checkpoint a
+Tune checkpoint), and a trial that exploited another one continues in a fresh Train run
+``<search>-<trial_id>-pbt<hash>`` while logging into its one MLflow child run.
 """
 
 from __future__ import annotations
@@ -53,10 +57,14 @@ def trial_config(setup: dict, values: dict[str, Any]):
 
 
 def run_trial(config: dict, setup: dict) -> None:
-    """The Tune trainable (a Train driver). ``config``: dotted key -> sampled value; ``setup``: see search.py."""
+    """The Tune trainable (a Train driver). ``config``: dotted key -> sampled value; ``setup``: see search.py.
+
+    Under PBT (``setup["scheduler"] == "pbt"``) every Train checkpoint is reported to Tune as a Tune
+    checkpoint, and a trial restarted from a checkpoint (an exploit, a pause, a restored search) starts
+    from it: see ``pipeline.tuning.pbt``.
+    """
     import ray.tune
     from ray.train._internal.session import get_session
-    from ray.tune.integration.ray_train import TuneReportCallback
 
     from pipeline.distributed.trainer import train
 
@@ -70,8 +78,23 @@ def run_trial(config: dict, setup: dict) -> None:
         SEARCHED_TAG: ",".join(sorted(config)),
         KIND_TAG: "trial",
     }
-    result = train(cfg, workdir=setup["workdir"], parent_run_id=setup["parent_run_id"],
-                   callbacks=[TuneReportCallback()], extra_tags=tags)
+    resume_from = None
+    pump = None
+    if setup.get("scheduler") == "pbt":
+        from pipeline.tuning import pbt
+
+        plan = pbt.plan_start(pbt.read_pointer(ray.tune.get_checkpoint()), trial_id, cfg.run.name, config,
+                              cfg.run.storage)
+        pbt.attach_mlflow_run(setup, trial_id, plan, config)
+        cfg.run.name, resume_from = plan["train_run"], plan["resume_from"]
+        pump = pbt.CheckpointPump(trial_id, cfg.run.name, cfg.run.storage)
+        callbacks = [pump.callback()]
+    else:
+        from ray.tune.integration.ray_train import TuneReportCallback
+
+        callbacks = [TuneReportCallback()]
+    result = train(cfg, workdir=setup["workdir"], parent_run_id=setup["parent_run_id"], resume_from=resume_from,
+                   callbacks=callbacks, extra_tags=tags)
 
     from pipeline.tracking import mlflow_run
 
@@ -80,7 +103,10 @@ def run_trial(config: dict, setup: dict) -> None:
              if isinstance(v, (int, float)) and not isinstance(v, bool)}
     final.update({FINAL_KEY: 1.0, "mlflow_run_id": result["run_id"], "run_name": result["name"],
                   "train_checkpoint": result["checkpoint"]})
-    _wait_until_reports_delivered(get_session())
+    if pump is not None:
+        pump.close()  # every Train report delivered to Tune (the pump reports them one at a time)
+    else:
+        _wait_until_reports_delivered(get_session())
     ray.tune.report(final)
 
 

@@ -1,0 +1,136 @@
+"""Population-based training (`sparsegen tune --scheduler pbt`) over Ray Train runs.
+
+The fast tests check what is refused before Ray starts (shape-changing keys, Optuna) and the mutations.
+The Ray test runs a 2-trial PBT search whose trials differ only in the Langevin step size (0.3 vs 0.001:
+the second reconstructs far worse at every checkpoint); with ``quantile_fraction: 0.5`` the worse trial
+is in the lower half at each perturbation point and restarts from the better trial's checkpoint. MLflow
+must still hold one parent and two child runs, one of them recording the exploit.
+"""
+
+import json
+import time
+
+import pytest
+import yaml
+
+from tests.conftest import FAST_TRAINING_OVERRIDES
+
+
+def _args(space_file, workdir, name, extra=()):
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    args = ["tune", "--preset", "tiny", "--space", str(space_file), "--name", name, "--workdir", str(workdir),
+            "--tracking-uri", uri, "--set", "run.experiment=tune-pbt", *extra]
+    return args, uri
+
+
+def test_pbt_refuses_shape_changing_keys_before_anything_starts(tmp_path, capsys):
+    from pipeline.cli import main
+
+    space_file = tmp_path / "space.yaml"
+    space_file.write_text(yaml.safe_dump({"parameters": {
+        "langevin.step_size": {"choice": [0.3, 0.1]},
+        "model.fc_channels": {"choice": [64, 128]},
+        "model.latent_dim": {"choice": [16, 32]},
+        "model.sparsity.conv8": {"choice": [8, 16]},      # k per layer changes no shape: fine
+        "model.resolution": {"value": 32},                 # a constant: fine
+    }}))
+    workdir = tmp_path / "work"
+    args, _ = _args(space_file, workdir, "refused", ["--scheduler", "pbt"])
+    started = time.monotonic()
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "parameters.model.fc_channels: scheduler pbt cannot search" in err
+    assert "parameters.model.latent_dim: scheduler pbt cannot search" in err
+    assert "model.sparsity.conv8" not in err and "model.resolution" not in err
+    assert not (workdir / "tune").exists() and not (workdir / "mlflow.db").exists()
+    assert time.monotonic() - started < 30
+
+    # PBT cannot be combined with Optuna; without a chosen search it samples the population at random.
+    space_file.write_text(yaml.safe_dump({"parameters": {"langevin.step_size": {"loguniform": [0.1, 0.4]}}}))
+    assert main(args + ["--search", "optuna", "--check"]) == 2
+    assert "scheduler pbt needs search 'random'" in capsys.readouterr().err
+    assert main(args + ["--check", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert plan["search"] == "random" and plan["scheduler"]["kind"] == "pbt"
+    assert plan["scheduler"]["perturbation_interval"] == 2
+
+
+def test_pbt_mutations_stay_inside_the_space():
+    from ray import tune
+
+    from pipeline.tuning.pbt import clamp_to_space, mutations
+    from pipeline.tuning.space import SpaceError, parse_space
+
+    space = parse_space({"parameters": {
+        "langevin.step_size": {"loguniform": [0.05, 0.5]}, "langevin.steps": {"randint": [3, 10]},
+        "model.sparsity.conv8": {"choice": [8, 16, 0.5]}, "langevin.noise_sigma": {"value": 0.3}}})
+    found = mutations(space)
+    assert set(found) == {"langevin.step_size", "langevin.steps", "model.sparsity.conv8"}
+    assert found["model.sparsity.conv8"] == [8, 16, 0.5]
+    assert isinstance(found["langevin.step_size"], tune.search.sample.Float)
+    clamped = clamp_to_space(space)({"langevin.step_size": 0.6, "langevin.steps": 12.4, "model.sparsity.conv8": 8})
+    assert clamped == {"langevin.step_size": 0.5, "langevin.steps": 10, "model.sparsity.conv8": 8}
+    with pytest.raises(SpaceError, match="quantile_fraction"):
+        parse_space({"scheduler": {"kind": "pbt", "quantile_fraction": 0.7},
+                     "parameters": {"langevin.steps": {"choice": [3, 5]}}})
+
+
+PBT_SPACE = {
+    "metric": "reconstruction_mse",
+    "mode": "min",
+    "search": "grid",  # the population: one trial per step size
+    "scheduler": {"kind": "pbt", "metric": "reconstruction_mse", "mode": "min", "perturbation_interval": 1,
+                  "quantile_fraction": 0.5, "resample_probability": 0.0},
+    "parameters": {"langevin.step_size": {"choice": [0.3, 0.001]}},
+}
+PBT_STEPS = 24
+
+
+@pytest.mark.ray
+def test_pbt_search_exploits_a_checkpoint_and_keeps_one_child_run_per_trial(ray_session, demo_shards, tmp_path, capsys):
+    from pipeline.cli import main
+    from pipeline.tracking import mlflow_run
+
+    space_file = tmp_path / "space.yaml"
+    space_file.write_text(yaml.safe_dump(PBT_SPACE))
+    workdir = tmp_path / "work"
+    name = "pbt-search"
+    sets = [item for item in FAST_TRAINING_OVERRIDES if not item.startswith("run.checkpoint_every_steps")]
+    sets += [f"training.max_steps={PBT_STEPS}", "run.checkpoint_every_steps=2", "run.eval_every_steps=100"]
+    extra = ["--data", demo_shards, "--max-concurrent", "2", "--seed", "0", "--json"]
+    for item in sets:
+        extra += ["--set", item]
+    args, uri = _args(space_file, workdir, name, extra)
+
+    started = time.monotonic()
+    code = main(args)
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    elapsed = time.monotonic() - started
+    print(f"\n[timing] 2-trial PBT search took {elapsed:.0f} s")
+    assert code == 0, summary
+    assert summary["scheduler"] == "pbt" and summary["search"] == "grid"
+    assert summary["trials"] == 2 and summary["trials_finished"] == 2 and summary["trials_failed"] == 0
+    assert summary["pbt_exploits"] >= 1
+
+    client = mlflow_run.client(uri)
+    experiment = client.get_experiment_by_name("tune-pbt")
+    runs = client.search_runs([experiment.experiment_id], max_results=100)
+    parents = [r for r in runs if r.data.tags.get("sparsegen.kind") == "search"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId")]
+    assert len(parents) == 1 and len(children) == 2 and len(runs) == 3
+    assert {c.data.tags["sparsegen.trial_id"] for c in children} == set(summary["trial_runs"])
+    assert all(c.info.status == "FINISHED" and c.data.tags["sparsegen.trial_status"] == "finished" for c in children)
+
+    exploited = [c for c in children if c.data.metrics.get("pbt_exploits", 0) >= 1]
+    assert exploited, [c.data.tags for c in children]
+    for child in exploited:
+        donor = child.data.tags["sparsegen.pbt_last_donor"]
+        assert donor in summary["trial_runs"] and donor != child.data.tags["sparsegen.trial_id"]
+        train_run = child.data.tags["sparsegen.run_name"]
+        assert train_run.startswith(f"{name}-{child.data.tags['sparsegen.trial_id']}-pbt")
+        assert child.data.tags["sparsegen.pbt_train_run"] == train_run
+        assert (workdir / "runs" / "pbt-seeds" / train_run / "meta.json").exists()
+        # The restarted Train run started from the donor's weights, not from step 0.
+        steps = [m.step for m in client.get_metric_history(child.info.run_id, "reconstruction_mse")]
+        assert max(steps) == PBT_STEPS
+        assert json.loads(child.data.tags["sparsegen.pbt_config"])["langevin.step_size"] in (0.3, 0.001)
