@@ -2,13 +2,14 @@
 
 The fast tests check what is refused before Ray starts (shape-changing keys, Optuna) and the mutations.
 The Ray test runs a 2-trial PBT search whose trials differ only in the Langevin step size (0.3 vs 0.001:
-the second reconstructs far worse at every checkpoint); with ``quantile_fraction: 0.5`` the worse trial
-is in the lower half at each perturbation point and restarts from the better trial's checkpoint. MLflow
+clearly different reconstruction errors from the first checkpoint on); with ``quantile_fraction: 0.5`` the
+worse trial at a perturbation point (every checkpoint) restarts from the better one's checkpoint. MLflow
 must still hold one parent and two child runs, one of them recording the exploit.
 """
 
 import json
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -75,6 +76,41 @@ def test_pbt_mutations_stay_inside_the_space():
                      "parameters": {"langevin.steps": {"choice": [3, 5]}}})
 
 
+def test_pbt_restart_plans(tmp_path):
+    """Own checkpoint: continue the own Train run; another trial's: a fresh Train run from a private copy of
+    the donor's checkpoint (its newest one before this trial's end when the pointed one was rotated away)."""
+    from pipeline.distributed.checkpoint import CONFIG_FILE, LATENTS_FILE, META_FILE, STATE_FILE
+    from pipeline.tuning.pbt import NothingToExploit, plan_start
+
+    storage = tmp_path / "runs"
+    donor_run = storage / "s-donor"
+    for name, step in (("checkpoint_a", 4), ("checkpoint_b", 8), ("checkpoint_c", 12)):
+        for file in (STATE_FILE, LATENTS_FILE, CONFIG_FILE):
+            (donor_run / name).mkdir(parents=True, exist_ok=True)
+            (donor_run / name / file).write_text(file)
+        (donor_run / name / META_FILE).write_text(json.dumps({"step": step}))
+    (donor_run / "checkpoint_manager_snapshot.json").write_text("{}")
+    pointer = {"train_checkpoint": str(donor_run / "checkpoint_a"), "train_run_dir": str(donor_run),
+               "train_run": "s-donor", "trial_id": "donor", "step": 4, "epoch": 0.5}
+
+    assert plan_start(None, "me", "s-me", {}, str(storage))["train_run"] == "s-me"
+    own = plan_start({**pointer, "trial_id": "me", "train_run": "s-me-pbt1"}, "me", "s-me", {}, str(storage))
+    assert own["train_run"] == "s-me-pbt1" and own["donor"] is None
+
+    plan = plan_start(pointer, "me", "s-me", {"langevin.step_size": 0.3}, str(storage), max_steps=12)
+    assert plan["train_run"].startswith("s-me-pbt") and plan["donor"] == "donor" and plan["seed_step"] == 4
+    assert (Path(plan["resume_from"]) / STATE_FILE).read_text() == STATE_FILE
+    # The same exploit again (a restored search) finds the same run; another config makes another run.
+    assert plan_start(pointer, "me", "s-me", {"langevin.step_size": 0.3}, str(storage), 12) == plan
+    assert plan_start(pointer, "me", "s-me", {"langevin.step_size": 0.1}, str(storage), 12)["train_run"] != plan["train_run"]
+
+    gone = {**pointer, "train_checkpoint": str(donor_run / "checkpoint_gone")}
+    fallback = plan_start(gone, "other", "s-other", {}, str(storage), max_steps=12)
+    assert fallback["seed_step"] == 8  # the newest before step 12 (a run ending there has nothing left after 12)
+    with pytest.raises(NothingToExploit):
+        plan_start(gone, "third", "s-third", {}, str(storage), max_steps=4)
+
+
 PBT_SPACE = {
     "metric": "reconstruction_mse",
     "mode": "min",
@@ -96,7 +132,10 @@ def test_pbt_search_exploits_a_checkpoint_and_keeps_one_child_run_per_trial(ray_
     workdir = tmp_path / "work"
     name = "pbt-search"
     sets = [item for item in FAST_TRAINING_OVERRIDES if not item.startswith("run.checkpoint_every_steps")]
-    sets += [f"training.max_steps={PBT_STEPS}", "run.checkpoint_every_steps=2", "run.eval_every_steps=100"]
+    # Every Train checkpoint kept: the exploit copies the very checkpoint PBT scored (with the default 2
+    # kept, the donor has rotated it away by the time the recipient restarts: test_pbt_restart_plans).
+    sets += [f"training.max_steps={PBT_STEPS}", "run.checkpoint_every_steps=2", "run.eval_every_steps=100",
+             f"run.checkpoints_to_keep={PBT_STEPS}"]
     extra = ["--data", demo_shards, "--max-concurrent", "2", "--seed", "0", "--json"]
     for item in sets:
         extra += ["--set", item]
@@ -129,8 +168,10 @@ def test_pbt_search_exploits_a_checkpoint_and_keeps_one_child_run_per_trial(ray_
         train_run = child.data.tags["sparsegen.run_name"]
         assert train_run.startswith(f"{name}-{child.data.tags['sparsegen.trial_id']}-pbt")
         assert child.data.tags["sparsegen.pbt_train_run"] == train_run
-        assert (workdir / "runs" / "pbt-seeds" / train_run / "meta.json").exists()
-        # The restarted Train run started from the donor's weights, not from step 0.
+        # The restarted Train run started from (a private copy of) the donor's checkpoint, not from step 0.
+        seed = json.loads((workdir / "runs" / "pbt-seeds" / train_run / "meta.json").read_text())
+        assert seed["mlflow_run_id"] != child.info.run_id and 0 < seed["step"] < PBT_STEPS
+        assert client.get_metric_history(child.info.run_id, "pbt_exploits")[-1].step == seed["step"]
         steps = [m.step for m in client.get_metric_history(child.info.run_id, "reconstruction_mse")]
         assert max(steps) == PBT_STEPS
         assert json.loads(child.data.tags["sparsegen.pbt_config"])["langevin.step_size"] in (0.3, 0.001)

@@ -8,7 +8,8 @@ hyperparameters. Trials are Ray Train drivers, so the pieces are:
   the trial process through a one-slot Ray queue; ``CheckpointPump`` (a thread of the trial process) turns
   each into ``ray.tune.report(metrics, checkpoint=...)`` whose checkpoint is a tiny directory holding a
   pointer file (``POINTER_FILE``: the Train checkpoint's URI, its Train run, the trial). The weights stay
-  where Ray Train wrote them; nothing is copied at every checkpoint.
+  where Ray Train wrote them; nothing is copied at every checkpoint. The run's last checkpoint (its last
+  step) is reported without a Tune checkpoint: a trial exploiting it would have nothing left to train.
 * **A restarted trial starts from the pointer** (``plan_start``). Its own pointer (a paused trial, or a
   restored search) continues its own Train run (Ray Train resumes that run's latest checkpoint). Another
   trial's pointer (an exploit) starts a *fresh* Train run named ``<search>-<trial_id>-pbt<hash>`` (the
@@ -16,11 +17,12 @@ hyperparameters. Trials are Ray Train drivers, so the pieces are:
   its run again; a new exploit never resumes an old run) from a private copy of the donor's checkpoint
   (``<storage>/pbt-seeds/<run>``), taken at once because the donor keeps rotating its own checkpoints
   (``run.checkpoints_to_keep``); if the pointed checkpoint is already gone, the donor run's newest one is
-  used.
+  used (the newest before the trial's last step; none: the trial keeps its own Train run). With fast
+  checkpoints and the default ``run.checkpoints_to_keep: 2`` that fallback is the rule, not the exception.
 * **One MLflow child run per trial.** ``train()`` finds its MLflow run by the tag ``sparsegen.run_name``;
   before a fresh Train run the trial's child run (found by its search and trial tags) is re-tagged with the
   new Train run's name, so the trial keeps logging into its one child run. Exploits are recorded as the
-  metric ``pbt_exploits`` (count, at the donor's step), ``pbt.<key>`` metrics of the numeric searched
+  metric ``pbt_exploits`` (count, at the step the trial continues from), ``pbt.<key>`` metrics of the numeric searched
   values, and tags ``sparsegen.pbt_last_donor``, ``sparsegen.pbt_donor_checkpoint``, ``sparsegen.pbt_config``
   (the trial's current searched values, JSON) and ``sparsegen.pbt_train_run``. MLflow params stay the
   trial's initial values (params are immutable).
@@ -37,6 +39,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
 import threading
@@ -58,6 +61,19 @@ SHAPE_KEYS = (
     "model.critic_convs_per_block", "data.dataset", "data.demo_images", "data.limit", "data.holdout_fraction",
 )
 CHECKPOINT_PATH_KEY = "checkpoint_path"  # the metric TuneReportCallback reports too
+
+
+class NothingToExploit(LookupError):
+    """The donor has no checkpoint left that ends before this trial's last step."""
+
+
+def total_steps(step: int, epoch: float, max_steps: int | None, epochs: float) -> int | None:
+    """A run's last step, as the training loop computes it (steps per epoch read off a report)."""
+    if max_steps:
+        return int(max_steps)
+    if not epoch:
+        return None
+    return math.ceil(epochs * round(step / epoch))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -174,10 +190,12 @@ class CheckpointPump:
 
     _STOP = "__sparsegen_stop__"
 
-    def __init__(self, trial_id: str, train_run: str, storage: str):
+    def __init__(self, trial_id: str, train_run: str, storage: str, max_steps: int | None = None,
+                 epochs: float = 0.0):
         from ray.util.queue import Queue
 
         self.trial_id, self.train_run, self.storage = trial_id, train_run, storage
+        self.max_steps, self.epochs = max_steps, epochs
         self.queue = Queue(maxsize=1, actor_options={"num_cpus": 0})
         self.reported = 0
         self._thread = threading.Thread(target=self._run, name="sparsegen-checkpoint-pump", daemon=True)
@@ -219,13 +237,18 @@ class CheckpointPump:
         import ray.tune
 
         path = metrics.get(CHECKPOINT_PATH_KEY)
-        if not path:
+        step, epoch = int(metrics.get("step") or 0), float(metrics.get("epoch") or 0.0)
+        last = total_steps(step, epoch, self.max_steps, self.epochs)
+        if not path or (last is not None and step >= last):
+            # The run's last checkpoint is no Tune checkpoint: a trial exploiting it would have nothing left
+            # to train (PBT skips donors without a checkpoint).
             ray.tune.report(metrics)
             self.reported += 1
             return
         uri = ("s3://" + path.removeprefix("s3://")) if self.storage.startswith("s3://") else path
         pointer = {"train_checkpoint": uri, "train_run_dir": uri.rstrip("/").rsplit("/", 1)[0],
-                   "train_run": self.train_run, "trial_id": self.trial_id, "step": metrics.get("step")}
+                   "train_run": self.train_run, "trial_id": self.trial_id, "step": step, "epoch": epoch,
+                   "total_steps": last}
         with tempfile.TemporaryDirectory(prefix="sparsegen-pointer-") as directory:
             with open(os.path.join(directory, POINTER_FILE), "w") as handle:
                 json.dump(pointer, handle, indent=1)
@@ -250,8 +273,12 @@ def read_pointer(checkpoint) -> dict | None:
             return json.load(handle)
 
 
-def plan_start(pointer: dict | None, trial_id: str, base_name: str, config: dict, storage: str) -> dict:
-    """Where a trial starts: {train_run, resume_from, donor (None unless an exploit), pointer}."""
+def plan_start(pointer: dict | None, trial_id: str, base_name: str, config: dict, storage: str,
+               max_steps: int | None = None, epochs: float = 0.0) -> dict:
+    """Where a trial starts: {train_run, resume_from, donor (None unless an exploit), pointer}.
+
+    Raises ``NothingToExploit`` when an exploit's donor has no checkpoint before this trial's last step
+    (``max_steps`` / ``epochs``: this trial's own, possibly perturbed, length)."""
     if pointer is None:
         return {"train_run": base_name, "resume_from": None, "donor": None, "pointer": None}
     if pointer.get("trial_id") == trial_id:
@@ -262,12 +289,27 @@ def plan_start(pointer: dict | None, trial_id: str, base_name: str, config: dict
     digest = hashlib.sha1(json.dumps([pointer["train_checkpoint"], _plain_config(config)], sort_keys=True,
                                      default=str).encode()).hexdigest()[:8]
     train_run = f"{base_name}-pbt{digest}"
-    seed = seed_checkpoint(pointer, storage, train_run)
-    return {"train_run": train_run, "resume_from": seed, "donor": pointer["trial_id"], "pointer": pointer}
+    end = total_steps(int(pointer.get("step") or 0), float(pointer.get("epoch") or 0.0), max_steps, epochs)
+    seed = seed_checkpoint(pointer, storage, train_run, end)
+    return {"train_run": train_run, "resume_from": seed, "donor": pointer["trial_id"], "pointer": pointer,
+            "seed_step": _checkpoint_step(seed)}
 
 
-def seed_checkpoint(pointer: dict, storage: str, train_run: str, attempts: int = 5) -> str:
-    """A private copy of the donor's checkpoint at ``<storage>/pbt-seeds/<train_run>`` (kept when present)."""
+def _checkpoint_step(uri: str) -> int:
+    from pipeline.data import storage as store
+    from pipeline.distributed.checkpoint import META_FILE
+
+    try:
+        return int(json.loads(store.read_bytes(store.join(uri, META_FILE))).get("step", 0))
+    except (OSError, ValueError):
+        return 0
+
+
+def seed_checkpoint(pointer: dict, storage: str, train_run: str, end: int | None = None, attempts: int = 5) -> str:
+    """A private copy of the donor's checkpoint at ``<storage>/pbt-seeds/<train_run>`` (kept when present).
+
+    When the pointed checkpoint is gone (the donor rotated it away), the donor run's newest checkpoint
+    before step ``end`` is copied instead."""
     from pipeline.data import storage as store
     from pipeline.distributed.checkpoint import CONFIG_FILE, LATENTS_FILE, META_FILE, STATE_FILE
 
@@ -277,8 +319,12 @@ def seed_checkpoint(pointer: dict, storage: str, train_run: str, attempts: int =
     last_error: Exception | None = None
     for _ in range(attempts):
         source = pointer["train_checkpoint"]
+        if end is not None and int(pointer.get("step") or 0) >= end:
+            raise NothingToExploit(f"the donor checkpoint (step {pointer.get('step')}) is at or past step {end}")
         if not store.exists(store.join(source, META_FILE)):
-            source = newest_checkpoint(pointer["train_run_dir"]) or source
+            source = newest_checkpoint(pointer["train_run_dir"], before=end)
+            if source is None:
+                raise NothingToExploit(f"the donor run {pointer['train_run_dir']} has no checkpoint before step {end}")
             print(f"[sparsegen] pbt: donor checkpoint {pointer['train_checkpoint']} was rotated away; "
                   f"using the donor run's newest checkpoint {source}", flush=True)
         try:
@@ -291,18 +337,20 @@ def seed_checkpoint(pointer: dict, storage: str, train_run: str, attempts: int =
                        f"(nor a newer one of its run {pointer['train_run_dir']}): {last_error}")
 
 
-def newest_checkpoint(run_dir: str) -> str | None:
-    """The Ray Train checkpoint of ``run_dir`` with the highest step (complete ones only)."""
+def newest_checkpoint(run_dir: str, before: int | None = None) -> str | None:
+    """The Ray Train checkpoint of ``run_dir`` with the highest step (below ``before``; complete ones only)."""
     from pipeline.data import storage as store
     from pipeline.distributed.checkpoint import META_FILE
 
     best, best_step = None, -1
     for name in store.list_dir(run_dir):
-        if not name.startswith("checkpoint_"):
+        if not name.startswith("checkpoint_") or name.endswith(".json"):  # not checkpoint_manager_snapshot.json
             continue
         try:
             meta = json.loads(store.read_bytes(store.join(run_dir, name, META_FILE)))
-        except (FileNotFoundError, ValueError):
+        except (OSError, ValueError):  # not a checkpoint directory, or being deleted
+            continue
+        if before is not None and int(meta.get("step", -1)) >= before:
             continue
         if int(meta.get("step", -1)) > best_step:
             best, best_step = store.join(run_dir, name), int(meta.get("step", -1))
@@ -330,6 +378,14 @@ def find_trial_run(tracking_uri: str, experiment: str, search_name: str, trial_i
     return mlflow_run.find_run(tracking_uri, exp.experiment_id, run_name) if run_name else None
 
 
+def current_train_run(setup: dict, trial_id: str, default: str) -> str:
+    """The Train run the trial's child run logs now (its ``sparsegen.run_name``), else ``default``."""
+    from pipeline.tracking import mlflow_run
+
+    run = find_trial_run(setup["tracking_uri"], setup["experiment"], setup["search_name"], trial_id)
+    return (run.data.tags.get(mlflow_run.RUN_NAME_TAG) if run is not None else None) or default
+
+
 def attach_mlflow_run(setup: dict, trial_id: str, plan: dict, config: dict) -> None:
     """Point the trial's child run at this start's Train run and record an exploit (idempotently)."""
     from pipeline.tracking import mlflow_run
@@ -345,7 +401,7 @@ def attach_mlflow_run(setup: dict, trial_id: str, plan: dict, config: dict) -> N
         updates[mlflow_run.RUN_NAME_TAG] = plan["train_run"]
     if plan["donor"] is not None and tags.get(TRAIN_RUN_TAG) != plan["train_run"]:
         exploits = int(run.data.metrics.get(EXPLOITS_METRIC, 0)) + 1
-        step = int(plan["pointer"].get("step") or 0)
+        step = int(plan.get("seed_step") or plan["pointer"].get("step") or 0)
         numeric = {f"pbt.{k}": float(v) for k, v in _plain_config(config).items()
                    if isinstance(v, (int, float)) and not isinstance(v, bool)}
         mlflow_run.log_metrics(setup["tracking_uri"], run.info.run_id, {EXPLOITS_METRIC: exploits, **numeric}, step)

@@ -83,11 +83,17 @@ def run_trial(config: dict, setup: dict) -> None:
     if setup.get("scheduler") == "pbt":
         from pipeline.tuning import pbt
 
-        plan = pbt.plan_start(pbt.read_pointer(ray.tune.get_checkpoint()), trial_id, cfg.run.name, config,
-                              cfg.run.storage)
+        try:
+            plan = pbt.plan_start(pbt.read_pointer(ray.tune.get_checkpoint()), trial_id, cfg.run.name, config,
+                                  cfg.run.storage, cfg.training.max_steps, cfg.training.epochs)
+        except pbt.NothingToExploit as exc:  # e.g. the donor finished meanwhile: keep its own run going
+            own = pbt.current_train_run(setup, trial_id, cfg.run.name)
+            print(f"[sparsegen] pbt: trial {trial_id} continues its own Train run '{own}' ({exc})", flush=True)
+            plan = {"train_run": own, "resume_from": None, "donor": None, "pointer": None}
         pbt.attach_mlflow_run(setup, trial_id, plan, config)
         cfg.run.name, resume_from = plan["train_run"], plan["resume_from"]
-        pump = pbt.CheckpointPump(trial_id, cfg.run.name, cfg.run.storage)
+        pump = pbt.CheckpointPump(trial_id, cfg.run.name, cfg.run.storage, cfg.training.max_steps,
+                                  cfg.training.epochs)
         callbacks = [pump.callback()]
     else:
         from ray.tune.integration.ray_train import TuneReportCallback
