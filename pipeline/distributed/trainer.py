@@ -269,7 +269,7 @@ def _evaluate_at_end(cfg: Config, checkpoint_uri: str, tracking_uri: str, run_id
     return numeric
 
 
-def run_demo(*, workdir: str | None = None, workers: int = 2, max_steps: int = 300, images: int = 1024) -> dict:
+def run_demo(*, workdir: str | None = None, workers: int = 2, max_steps: int = 200, images: int = 1024) -> dict:
     """`sparsegen demo`: demo data -> shards -> Ray Train (tiny preset) -> MLflow; prints where to look."""
     from pipeline.config import load_config
 
