@@ -98,6 +98,11 @@ class TrainingConfig:
     critic_betas: list[float] = field(default_factory=lambda: [0.0, 0.99])
     # Weight of Eq. 20 in the generator update; 0 = pure alternating back-propagation (critic unused).
     critic_weight: float = 1.0
+    # Weight of an L2 penalty on the critic's energies, mean f(Y)^2 + mean f(g(Z^))^2, added to Eq. 21.
+    # Eq. 21 alone is unbounded below: without it the energies drift to +-1e4 within a few hundred steps
+    # and the Eq. 20 term swamps reconstruction (seen on the demo data). The penalty is the usual energy
+    # regulariser of EBM training (Du & Mordatch, 2019); 0 = Eq. 21 exactly.
+    critic_energy_l2: float = 1.0
     # sigma of the critic's Gaussian reference distribution q(Y) (Eq. 17; CoopNets' 0.016).
     critic_reference_sigma: float = 0.016
     lr_decay_per_epoch: float = 1.0
@@ -445,6 +450,8 @@ def validate(cfg: Config) -> None:
         betas = getattr(t, name)
         if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
             p.append(f"training.{name}: expected two values in [0, 1), got {betas}")
+    if t.critic_energy_l2 < 0:
+        p.append(f"training.critic_energy_l2: must be >= 0, got {t.critic_energy_l2}")
     if t.critic_weight < 0:
         p.append(f"training.critic_weight: must be >= 0, got {t.critic_weight}")
     if not 0 < t.lr_decay_per_epoch <= 1:

@@ -141,3 +141,17 @@ def test_reconstruct_and_generate_shapes():
     assert z.shape == (4, cfg.model.latent_dim) and recon.shape == (4, 3, 32, 32)
     samples = generate(generator, 5, cfg, seed=1)
     assert samples.shape == (5, 3, 32, 32) and samples.abs().max() <= 1
+
+
+def test_critic_energy_penalty_is_added_to_eq21_and_keeps_energies_bounded():
+    cfg = _small_cfg("langevin.steps=2", "training.critic_energy_l2=1.0", "training.critic_lr=0.01")
+    torch.manual_seed(0)
+    generator, critic = pipeline.build_generator(cfg), pipeline.build_critic(cfg)
+    learner = ABPLearner(cfg, generator, critic, LatentBank(16, cfg.model.latent_dim), torch.device("cpu"))
+    images = _squares(16)
+    for _ in range(25):
+        metrics = learner.step(torch.arange(16), images).as_floats()
+    eq21 = metrics["energy_observed"] - metrics["energy_synthesized"]
+    assert metrics["critic_loss"] > eq21  # the penalty is non-negative and present
+    assert abs(metrics["energy_observed"]) < 5 and abs(metrics["energy_synthesized"]) < 5
+    assert metrics["energy_observed"] < metrics["energy_synthesized"]  # the critic still separates them

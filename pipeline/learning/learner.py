@@ -1,6 +1,7 @@
 """One iteration of Algorithm 1 (alternating back-propagation with an energy critic).
 
     Step 1  critic:     Z^ ~ N(0, I), Y^ = g(Z^);  Phi -= lr * d/dPhi [ mean f(Y) - mean f(Y^) ]     (Eq. 21)
+                        (+ critic_energy_l2 * mean of squared energies, which keeps Eq. 21 bounded)
     Step 2  inference:  Z_i <- l_G Langevin steps from the persistent Z_i                           (Eq. 13-14)
     Step 3  generator:  Theta -= lr * d/dTheta [ mean ||Y - g(Z)||^2 / (2 sigma^2)                  (Eq. 15)
                                                   + critic_weight * mean f(g(Z^)) ]                  (Eq. 20)
@@ -155,6 +156,8 @@ class ABPLearner:
                 energies = self.critic(torch.cat([images, synthesized.to(images.dtype)])).float()
             energy_observed, energy_synthesized = energies[:batch].mean(), energies[batch:].mean()
             critic_loss = energy_observed - energy_synthesized
+            if cfg.training.critic_energy_l2 > 0:
+                critic_loss = critic_loss + cfg.training.critic_energy_l2 * energies.pow(2).mean()
             self.critic_optimizer.zero_grad(set_to_none=True)
             critic_loss.backward()
             self.critic_optimizer.step()
