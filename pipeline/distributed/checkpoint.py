@@ -70,10 +70,11 @@ def load_checkpoint(uri: str, map_location: str | torch.device = "cpu") -> Loade
 
 def load_generator(uri: str, device: str | torch.device = "cpu"):
     """(config, generator in eval mode) from a checkpoint: what evaluation and sampling need."""
+    from pipeline.learning.learner import prepare_module
     from pipeline.model import build_generator
 
     loaded = load_checkpoint(uri, map_location=device)
-    generator = build_generator(loaded.config).to(device)
+    generator = prepare_module(build_generator(loaded.config), loaded.config, torch.device(device))
     generator.load_state_dict(loaded.state["generator"])
     generator.eval()
     return loaded.config, generator

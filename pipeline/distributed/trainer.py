@@ -55,8 +55,9 @@ def ensure_shards(cfg: Config, workdir: Path) -> str:
     return str(out)
 
 
-def init_ray(address: str | None, cfg: Config) -> None:
-    """Join RAY_ADDRESS / --address when given, else start (or reuse) an embedded local Ray."""
+def init_ray(address: str | None, min_cpus: int) -> None:
+    """Join RAY_ADDRESS / --address when given, else start (or reuse) an embedded local Ray with at least
+    ``min_cpus`` logical CPUs (the machine's count when larger)."""
     import ray
 
     if ray.is_initialized():
@@ -65,8 +66,7 @@ def init_ray(address: str | None, cfg: Config) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
         return
-    # The Train controller needs a CPU of its own besides the workers.
-    cpus = max(os.cpu_count() or 2, int(cfg.run.workers * cfg.run.cpus_per_worker) + 1)
+    cpus = max(os.cpu_count() or 2, min_cpus)
     # The dashboard (loopback only) serves the state API that Ray Train's controller monitoring queries.
     ray.init(num_cpus=cpus, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1", log_to_driver=True)
 
@@ -168,7 +168,8 @@ def train(
         initial_checkpoint_uri = _resolve_resume(resume_from, tracking_uri)
         print(f"[sparsegen] starting from checkpoint {initial_checkpoint_uri}", flush=True)
 
-    init_ray(address, cfg)
+    # The Train controller needs a CPU of its own besides the workers.
+    init_ray(address, int(cfg.run.workers * cfg.run.cpus_per_worker) + 1)
     storage_path, filesystem = _storage_path(cfg.run.storage)
     use_gpu = cfg.run.gpus_per_worker > 0
     resources = {"CPU": cfg.run.cpus_per_worker}

@@ -41,13 +41,14 @@ def bench_evaluation(
     from pipeline.evaluation.fid import extract_features
     from pipeline.evaluation.inception import FIDInceptionV3
     from pipeline.evaluation.matching import matching_score
+    from pipeline.learning.learner import prepare_module
     from pipeline.model import build_generator
 
     if threads:
         torch.set_num_threads(threads)
     cfg = load_config(preset, [f"evaluation.mse_images={num_images}", f"evaluation.matching_images={num_images}"])
     torch.manual_seed(seed)
-    generator = build_generator(cfg).eval()
+    generator = prepare_module(build_generator(cfg), cfg, torch.device("cpu")).eval()
     root = workdir or tempfile.mkdtemp(prefix="sparsegen-bench-eval-")
     data = os.path.join(root, "data")
     started = time.perf_counter()

@@ -261,17 +261,10 @@ def _scheduler(options: dict, space: SearchSpace):
 
 def _init_ray(address: str | None, resolved: dict) -> None:
     """Join a cluster, reuse an initialised Ray, or start a local one sized for the concurrent trials."""
-    import ray
+    from pipeline.distributed.trainer import init_ray
 
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=True)
-        return
     concurrent = resolved["max_concurrent"] or 1
-    cpus = max(os.cpu_count() or 2, math.ceil(concurrent * resolved["per_trial_cpus"]))
-    ray.init(num_cpus=cpus, dashboard_host="127.0.0.1", log_to_driver=True)
+    init_ray(address, math.ceil(concurrent * resolved["per_trial_cpus"]))
 
 
 def _default_concurrency(per_trial_cpus: float) -> int:
