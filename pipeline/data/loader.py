@@ -305,34 +305,8 @@ class ShardLoader:
             yield global_indices, torch.from_numpy(images)
 
 
-def make_loader(
-    url: str | DatasetInfo,
-    *,
-    split: str = "train",
-    batch_size: int,
-    rank: int = 0,
-    world_size: int = 1,
-    seed: int = 0,
-    epoch: int = 0,
-    shuffle: bool = True,
-    on_error: str = "skip",
-    image_size: int | None = None,
-    shuffle_buffer_samples: int = DEFAULT_SHUFFLE_BUFFER_SAMPLES,
-    verify_checksums: bool = True,
-) -> ShardLoader:
-    """A ``ShardLoader`` over the dataset at ``url`` (local dir or s3://), or over an opened ``DatasetInfo``."""
+def make_loader(url: str | DatasetInfo, **options: Any) -> ShardLoader:
+    """A ``ShardLoader`` over the dataset at ``url`` (local dir or s3://), or over an opened ``DatasetInfo``;
+    ``options`` are ``ShardLoader``'s keyword arguments (``batch_size`` is required)."""
     info = url if isinstance(url, DatasetInfo) else open_dataset(url)
-    return ShardLoader(
-        info,
-        split=split,
-        batch_size=batch_size,
-        rank=rank,
-        world_size=world_size,
-        seed=seed,
-        epoch=epoch,
-        shuffle=shuffle,
-        on_error=on_error,
-        image_size=image_size,
-        shuffle_buffer_samples=shuffle_buffer_samples,
-        verify_checksums=verify_checksums,
-    )
+    return ShardLoader(info, **options)

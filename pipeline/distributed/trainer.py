@@ -185,8 +185,10 @@ def train(
         "crash_marker": str(workdir_path / "faults" / f"{cfg.run.name}-rank{cfg.run.crash_rank}-step{cfg.run.crash_at_step}"),
     }
     worker_env = {"MLFLOW_DISABLE_TELEMETRY": "true", "OMP_NUM_THREADS": str(max(1, int(cfg.run.cpus_per_worker)))}
+    from pipeline.distributed.training_loop import train_loop_per_worker
+
     trainer = TorchTrainer(
-        _loop_entry,
+        train_loop_per_worker,
         train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
@@ -236,13 +238,6 @@ def _log_checkpoint_uris(result, latest_uri: str, tracking_uri: str, run_id: str
         path = Path(directory) / "checkpoints.json"
         path.write_text(json.dumps({"latest": latest_uri, "kept": uris}, indent=1))
         mlflow_run.log_artifact(tracking_uri, run_id, str(path))
-
-
-def _loop_entry(loop_config: dict) -> None:
-    # A module-level function (not a closure) so Ray pickles a reference, not this module's state.
-    from pipeline.distributed.training_loop import train_loop_per_worker
-
-    train_loop_per_worker(loop_config)
 
 
 def _evaluate_at_end(cfg: Config, checkpoint_uri: str, tracking_uri: str, run_id: str, workdir: Path) -> dict:
