@@ -32,6 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # Before any tensor exists: keep freed host memory in the process (see pipeline/host_memory.py).
+    from pipeline.host_memory import configure_host_allocator
+
+    configure_host_allocator()
     return int(args.func(args) or 0)
 
 

@@ -25,7 +25,7 @@ def register(subparsers) -> None:
     add_config_arguments(step)
     step.add_argument("--batch", type=int, default=8, help="images per iteration")
     step.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    step.add_argument("--steps", type=int, default=3, help="timed repeats (median), after one warm-up")
+    step.add_argument("--steps", type=int, default=5, help="timed repeats (median), after one warm-up")
     step.add_argument("--no-baseline", action="store_true", help="skip the straightforward implementation")
     step.add_argument("--json", action="store_true")
     step.set_defaults(func=run_step)

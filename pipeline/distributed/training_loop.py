@@ -32,11 +32,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
     from pipeline.data import make_loader, open_dataset
     from pipeline.distributed.checkpoint import LoadedCheckpoint, load_checkpoint, write_checkpoint
     from pipeline.learning import ABPLearner, LatentBank
+    from pipeline.host_memory import configure_host_allocator
     from pipeline.learning.learner import prepare_module, unwrap
     from pipeline.model import build_critic, build_generator
     from pipeline.tracking import mlflow_run
 
     # -- 1. setup ---------------------------------------------------------------------------------------
+    configure_host_allocator()  # Ray starts this worker process; its allocator is tuned here, once
     cfg = config_from_dict(loop_config["config"])
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()

@@ -30,7 +30,7 @@ class LangevinResult:
     z: torch.Tensor
     # Mean over the batch of E(Z) = ||Y - g(Z)||^2 / (2 sigma^2) + ||Z||^2 / 2 before and after the chain.
     energy_start: torch.Tensor
-    energy_end: torch.Tensor
+    energy_end: torch.Tensor | None  # None when the caller asked not to compute it
     # Mean over steps and examples of || d/dZ log p(Z, Y) ||.
     grad_norm: torch.Tensor
     step_size: float
@@ -68,13 +68,20 @@ def langevin_infer(
     grad_clip_norm: float | None = None,
     generator_rng: torch.Generator | None = None,
     autocast_dtype: torch.dtype | None = None,
+    compute_energy_end: bool = True,
 ) -> LangevinResult:
-    """Run ``steps`` Langevin steps on a batch of latents ``z`` (B, d) for images ``y`` (B, 3, H, W)."""
+    """Run ``steps`` Langevin steps on a batch of latents ``z`` (B, d) for images ``y`` (B, 3, H, W).
+
+    ``compute_energy_end=False`` skips the extra forward pass that measures E(Z) after the last step
+    (``energy_end`` is then None): the learner gets it from its generator step, which runs g on the
+    final Z anyway.
+    """
     z_start = z.detach()
     delta = float(step_size)
     for attempt in range(max_backoffs + 1):
         result, bad_step = _chain(
-            generator, z_start, y, steps, delta, noise_sigma, grad_clip_norm, generator_rng, autocast_dtype
+            generator, z_start, y, steps, delta, noise_sigma, grad_clip_norm, generator_rng, autocast_dtype,
+            compute_energy_end,
         )
         if bad_step < 0:
             return result
@@ -91,7 +98,7 @@ def langevin_infer(
     raise AssertionError("unreachable")
 
 
-def _chain(generator, z_start, y, steps, delta, sigma, clip, rng, autocast_dtype):
+def _chain(generator, z_start, y, steps, delta, sigma, clip, rng, autocast_dtype, compute_energy_end):
     device = z_start.device
     z = z_start.clone()
     bad_step = torch.full((), -1, dtype=torch.long, device=device)
@@ -124,9 +131,11 @@ def _chain(generator, z_start, y, steps, delta, sigma, clip, rng, autocast_dtype
                 z = z.detach() + (delta**2 / 2) * drift + delta * noise
                 finite = torch.isfinite(z).all() & torch.isfinite(energy).all()
                 bad_step = torch.where((bad_step < 0) & ~finite, torch.full_like(bad_step, step), bad_step)
-        with torch.no_grad(), autocast:
-            energy_end = posterior_energy(generator, z, y, sigma).float().mean()
+        energy_end = None
+        if compute_energy_end:
+            with torch.no_grad(), autocast:
+                energy_end = posterior_energy(generator, z, y, sigma).float().mean()
     bad = int(bad_step.item())  # the one host sync of the chain
-    if bad < 0 and not torch.isfinite(energy_end):
+    if bad < 0 and energy_end is not None and not torch.isfinite(energy_end):
         bad = steps - 1
     return LangevinResult(z.detach(), energy_start, energy_end, grad_norm_sum / steps, delta), bad

@@ -7,8 +7,12 @@
                                                   + critic_weight * mean f(g(Z^)) ]                  (Eq. 20)
 
 Eq. 20 uses Z^ from the prior (it approximates an expectation over p(Z), Eq. 19), the same Z^ as Step 1.
-Step 3 runs g once on [Z ; Z^] so DDP sees a single forward and backward per step. The critic is used
-unwrapped in Step 3 with its parameters frozen: only Theta receives gradients there.
+Theta does not change between Step 1 and Step 3, so g(Z^) is computed once, in Step 1, with its autograd
+graph kept for Step 3 (the critic sees it detached). Step 3 runs the (DDP-wrapped) generator on Z only;
+its backward reaches Theta through both graphs, and autograd sums the two contributions before each
+parameter's gradient is accumulated, so DDP's per-parameter hooks fire once, on the full gradient. The
+energy E(Z) after the Langevin chain is also read off Step 3's g(Z) instead of an extra forward pass.
+The critic is used unwrapped in Step 3 with its parameters frozen: only Theta receives gradients there.
 
 ``critic_weight = 0`` is pure ABP: Step 1 is skipped and no critic is built or synchronised.
 """
@@ -146,14 +150,14 @@ class ABPLearner:
         generator_module = unwrap(self.generator)
         z_prior = self.sample_prior(batch)
 
-        # Step 1: critic update (Eq. 21) on observed vs g(Z^).
+        # Step 1: critic update (Eq. 21) on observed vs g(Z^). g(Z^) keeps its graph for Step 3.
         zero = torch.zeros((), device=self.device)
         critic_loss = energy_observed = energy_synthesized = zero
+        synthesized = None
         if self.critic is not None:
-            with torch.no_grad(), self._autocast():
-                synthesized = generator_module(z_prior)
             with self._autocast():
-                energies = self.critic(torch.cat([images, synthesized.to(images.dtype)])).float()
+                synthesized = generator_module(z_prior)
+                energies = self.critic(torch.cat([images, synthesized.detach().to(images.dtype)])).float()
             energy_observed, energy_synthesized = energies[:batch].mean(), energies[batch:].mean()
             critic_loss = energy_observed - energy_synthesized
             if cfg.training.critic_energy_l2 > 0:
@@ -177,22 +181,22 @@ class ABPLearner:
             grad_clip_norm=lv.grad_clip_norm,
             generator_rng=self.rng,
             autocast_dtype=self.autocast_dtype,
+            compute_energy_end=False,
         )
         self.bank.scatter(indices, inferred.z)
 
-        # Step 3: generator update (Eq. 15 + critic_weight * Eq. 20), one forward over [Z ; Z^].
-        use_critic = self.critic is not None
-        z_all = torch.cat([inferred.z, z_prior]) if use_critic else inferred.z
+        # Step 3: generator update (Eq. 15 + critic_weight * Eq. 20): g on Z here, g(Z^) from Step 1.
         with self._autocast():
-            generated = self.generator(z_all).float()
-        reconstruction = generated[:batch]
+            reconstruction = self.generator(inferred.z).float()
         squared_error = (images - reconstruction).flatten(1).pow(2).sum(1)
         reconstruction_loss = squared_error.mean() / (2 * lv.noise_sigma**2)
+        with torch.no_grad():
+            energy_end = (squared_error / (2 * lv.noise_sigma**2) + inferred.z.pow(2).sum(1) / 2).mean()
         generator_loss = reconstruction_loss
-        if use_critic:
+        if synthesized is not None:
             critic_module = unwrap(self.critic)
             with frozen_parameters(critic_module), self._autocast():
-                critic_term = critic_module(generated[batch:]).float().mean()
+                critic_term = critic_module(synthesized.float()).float().mean()
             generator_loss = generator_loss + cfg.training.critic_weight * critic_term
         self.generator_optimizer.zero_grad(set_to_none=True)
         generator_loss.backward()
@@ -208,7 +212,7 @@ class ABPLearner:
             energy_synthesized=energy_synthesized.detach(),
             langevin_grad_norm=inferred.grad_norm,
             langevin_energy_start=inferred.energy_start,
-            langevin_energy_end=inferred.energy_end,
+            langevin_energy_end=energy_end,
             langevin_step_size=inferred.step_size,
             batch_size=batch,
         )

@@ -7,7 +7,14 @@ from pipeline.model.networks import (
     build_generator,
     describe_layers,
 )
-from pipeline.model.sparsity import channel_topk, scheduled_k, spatial_topk, topk_mask
+from pipeline.model.sparsity import (
+    channel_topk,
+    relu_topk,
+    scheduled_k,
+    spatial_relu_topk,
+    spatial_topk,
+    topk_mask,
+)
 
 __all__ = [
     "EnergyCritic",
@@ -16,7 +23,9 @@ __all__ = [
     "build_generator",
     "channel_topk",
     "describe_layers",
+    "relu_topk",
     "scheduled_k",
+    "spatial_relu_topk",
     "spatial_topk",
     "topk_mask",
 ]

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.config import Config
-from pipeline.model.sparsity import channel_topk, spatial_topk
+from pipeline.model.sparsity import relu_topk, spatial_relu_topk
 
 
 class ScaledLinear(nn.Module):
@@ -105,24 +105,22 @@ class SparseGenerator(nn.Module):
         self.k = {name: k.get(name) for name in self.layer_names}
 
     # -- forward ----------------------------------------------------------------------------------
-    def _first_layer(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """FC -> 4x4 map, ReLU, channel top-k. Returns the sparse map and its combined (ReLU * top-k) mask."""
+    def _first_layer(self, z: torch.Tensor, return_mask: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """FC -> 4x4 map, ReLU, channel top-k. Returns the sparse map and, with ``return_mask``, its combined
+        (ReLU * top-k) mask."""
         b = z.shape[0]
         pre = self.fc(z)
         if self.first_layer == "cells":
             # 3200 = cell_channels x 16 cells: cell p's value of slot v goes to channel v*16 + p at cell p,
             # the other 15 slots at that cell stay zero; top-k over the cell_channels of each cell.
-            cells = F.relu(pre.view(b, self.cell_channels, 16, 1, 1))
-            cells, mask = channel_topk(cells, self.k["fc4"], self.ties)
-            active = (cells > 0) if mask is None else (mask > 0) & (cells > 0)
-            values = torch.diag_embed(cells.view(b, self.cell_channels, 16))  # (b, v, slot, cell)
-            sparse = values.reshape(b, self.fc_channels, 4, 4)
-            full_mask = torch.diag_embed(active.view(b, self.cell_channels, 16).to(pre.dtype))
-            return sparse, full_mask.reshape(b, self.fc_channels, 4, 4)
-        x = F.relu(pre.view(b, self.fc_channels, 4, 4))
-        sparse, mask = channel_topk(x, self.k["fc4"], self.ties)
-        relu_mask = (x > 0).to(x.dtype)
-        return sparse, relu_mask if mask is None else relu_mask * mask
+            cells, active = relu_topk(pre.view(b, self.cell_channels, 16), self.k["fc4"], dim=1,
+                                      ties=self.ties, return_mask=return_mask)
+            sparse = torch.diag_embed(cells).reshape(b, self.fc_channels, 4, 4)  # (b, v, slot, cell)
+            if not return_mask:
+                return sparse, None
+            return sparse, torch.diag_embed(active).reshape(b, self.fc_channels, 4, 4)
+        return relu_topk(pre.view(b, self.fc_channels, 4, 4), self.k["fc4"], dim=1, ties=self.ties,
+                         return_mask=return_mask)
 
     def forward(
         self, z: torch.Tensor, return_activations: bool = False, return_masks: bool = False
@@ -132,7 +130,7 @@ class SparseGenerator(nn.Module):
         ``propagate`` needs (keys "fc4" and "blockI.convJ")."""
         activations: OrderedDict[str, torch.Tensor] = OrderedDict()
         masks: dict[str, torch.Tensor] = {}
-        x, mask = self._first_layer(z)
+        x, mask = self._first_layer(z, return_mask=return_masks)
         activations["fc4"] = x
         if return_masks:
             masks["fc4"] = mask
@@ -140,14 +138,14 @@ class SparseGenerator(nn.Module):
             x = F.interpolate(x, scale_factor=2, mode="nearest")
             for conv_index, conv in enumerate(convs):
                 pre = conv(x)
-                x = F.relu(pre)
-                last = conv_index == len(convs) - 1
-                topk = None
-                if last:
-                    x, topk = spatial_topk(x, self.k[self.layer_names[block_index + 1]], self.ties)
+                if conv_index == len(convs) - 1:
+                    k = self.k[self.layer_names[block_index + 1]]
+                    x, mask = spatial_relu_topk(pre, k, self.ties, return_mask=return_masks)
+                else:
+                    x = F.relu(pre)
+                    mask = (pre > 0).to(pre.dtype) if return_masks else None
                 if return_masks:
-                    relu_mask = (pre > 0).to(pre.dtype)
-                    masks[f"block{block_index}.conv{conv_index}"] = relu_mask if topk is None else relu_mask * topk
+                    masks[f"block{block_index}.conv{conv_index}"] = mask
             activations[self.layer_names[block_index + 1]] = x
         images = torch.tanh(self.to_rgb(x))
         if return_masks:

@@ -10,6 +10,10 @@ Tie rule ("keep", the authors' rule): a unit survives when its value is >= the k
 ties at the threshold are all kept and a layer may keep more than k units *only* among exactly-equal
 values. After a ReLU the common tie is at 0, where extra kept units are zeros and change nothing: the
 number of non-zero units is always <= k. "exact" keeps exactly k (ties broken by ``torch.topk``).
+
+``relu_topk`` is the fused form the generator runs: ReLU and the "keep" top-k in one comparison on the
+pre-activation (see its docstring), which saves the ReLU pass, the mask multiply and their backward
+passes in every one of the l_G Langevin steps.
 """
 
 from __future__ import annotations
@@ -21,8 +25,18 @@ import torch
 
 def _kth_largest(values: torch.Tensor, k: int, dim: int) -> torch.Tensor:
     """The k-th largest entry along ``dim`` (kept as a size-1 dim for broadcasting)."""
+    if values.device.type == "cpu":
+        # Selection (kthvalue) instead of a partial sort: 20-25 % faster on CPU for the generator's
+        # shapes (``sparsegen bench step`` profile); the selected value is the same element.
+        return values.kthvalue(values.shape[dim] - k + 1, dim=dim, keepdim=True).values
     # topk of the k largest is cheaper than a full sort and is vectorised over all other dims.
     return values.topk(k, dim=dim, largest=True, sorted=True).values.narrow(dim, k - 1, 1)
+
+
+def _smallest_positive(dtype: torch.dtype) -> float:
+    """The smallest positive (subnormal) value of ``dtype``: 2^-149 for float32."""
+    info = torch.finfo(dtype)
+    return info.tiny * info.eps
 
 
 def topk_mask(values: torch.Tensor, k: int | None, dim: int, ties: str = "keep") -> torch.Tensor | None:
@@ -52,6 +66,42 @@ def spatial_topk(x: torch.Tensor, k: int | None, ties: str = "keep") -> tuple[to
         return x, None
     mask = mask.view(b, c, h, w)
     return x * mask, mask
+
+
+def relu_topk(
+    pre: torch.Tensor, k: int | None, dim: int, ties: str = "keep", return_mask: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """ReLU, then top-k along ``dim``: the same values as ``relu(pre) * topk_mask(relu(pre), k, dim, ties)``.
+
+    For the "keep" rule this is one comparison on the pre-activation. With t = k-th largest of ``pre``,
+    the k-th largest of relu(pre) is max(t, 0) (ReLU is monotone), so a unit survives ReLU and top-k iff
+    pre >= t when t > 0, and iff pre > 0 when t <= 0; both are ``pre >= max(t, smallest positive)``.
+    The output is ``pre * keep``, whose gradient is 1 on kept units and 0 elsewhere, as for the unfused
+    ReLU and mask. With ``return_mask`` also the combined 0/1 (ReLU * top-k) mask.
+    """
+    size = pre.shape[dim]
+    if ties != "keep" or k is None or k >= size:
+        x = torch.relu(pre)
+        mask = topk_mask(x, k, dim, ties)
+        out = x if mask is None else x * mask
+        if not return_mask:
+            return out, None
+        relu_mask = (pre > 0).to(pre.dtype)
+        return out, relu_mask if mask is None else relu_mask * mask
+    with torch.no_grad():
+        threshold = _kth_largest(pre, k, dim).clamp_min(_smallest_positive(pre.dtype))
+        mask = (pre >= threshold).to(pre.dtype)
+    # A multiply by the 0/1 mask, not torch.where: measured 5-15 % faster forward + backward on CPU.
+    return pre * mask, (mask if return_mask else None)
+
+
+def spatial_relu_topk(
+    pre: torch.Tensor, k: int | None, ties: str = "keep", return_mask: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``relu_topk`` over the H*W positions of every (sample, channel) of ``pre`` (B, C, H, W)."""
+    b, c, h, w = pre.shape
+    out, mask = relu_topk(pre.reshape(b, c, h * w), k, dim=2, ties=ties, return_mask=return_mask)
+    return out.view(b, c, h, w), (None if mask is None else mask.view(b, c, h, w))
 
 
 def scheduled_k(
