@@ -1,7 +1,8 @@
 """`sparsegen bench step`: the cost of one Algorithm 1 iteration, against a straightforward baseline and
 against the machine's own dense throughput measured in the same process.
 
-Timed, after warm-up, as the median of ``repeats``:
+Timed, after warm-up, as the median of ``repeats`` (the full iteration and the baseline alternately,
+repeat by repeat, so that a shared or throttled machine slows both alike):
   * the full iteration of ``ABPLearner.step`` (critic step, l_G Langevin steps, generator step);
   * the Langevin part alone (``langevin_infer``);
   * ``baseline_step``: the same algorithm written the obvious way -- Langevin through ``loss.backward()``
