@@ -65,44 +65,32 @@ def _report(summary: dict, as_json: bool) -> None:
         print(f"converted to RGB: {summary['converted']}")
 
 
-def _run_ingest(args: argparse.Namespace) -> int:
+def _write_and_report(command: str, write, json_output: bool) -> int:
+    """Run ``write()`` (returns a summary dict); a DataError becomes one stderr line and EXIT_DATA_ERROR."""
     from pipeline.data import DataError
-    from pipeline.data.ingest import ingest
 
     try:
-        summary = ingest(
-            args.source,
-            args.out,
-            size=args.size,
-            shard_size=args.shard_size,
-            limit=args.limit,
-            holdout_fraction=args.holdout,
-            workers=args.workers,
-            progress=True,
-        )
+        summary = write()
     except DataError as error:
-        print(f"sparsegen ingest: error: {error}", file=sys.stderr)
+        print(f"sparsegen {command}: error: {error}", file=sys.stderr)
         return EXIT_DATA_ERROR
-    _report(summary, args.json)
+    _report(summary, json_output)
     return 0
+
+
+def _run_ingest(args: argparse.Namespace) -> int:
+    from pipeline.data.ingest import ingest
+
+    return _write_and_report("ingest", lambda: ingest(
+        args.source, args.out, size=args.size, shard_size=args.shard_size, limit=args.limit,
+        holdout_fraction=args.holdout, workers=args.workers, progress=True,
+    ), args.json)
 
 
 def _run_make_demo_data(args: argparse.Namespace) -> int:
-    from pipeline.data import DataError
     from pipeline.data.demo import make_demo_data
 
-    try:
-        summary = make_demo_data(
-            args.out,
-            args.n,
-            size=args.size,
-            seed=args.seed,
-            shard_size=args.shard_size,
-            holdout_fraction=args.holdout,
-            progress=True,
-        )
-    except DataError as error:
-        print(f"sparsegen make-demo-data: error: {error}", file=sys.stderr)
-        return EXIT_DATA_ERROR
-    _report(summary, args.json)
-    return 0
+    return _write_and_report("make-demo-data", lambda: make_demo_data(
+        args.out, args.n, size=args.size, seed=args.seed, shard_size=args.shard_size,
+        holdout_fraction=args.holdout, progress=True,
+    ), args.json)

@@ -22,7 +22,7 @@ import torch
 
 from pipeline.config import Config
 from pipeline.host_memory import configure_host_allocator
-from pipeline.learning.langevin import langevin_infer
+from pipeline.learning.langevin import chain_options, langevin_infer
 from pipeline.learning.latent_bank import LatentBank
 from pipeline.learning.learner import ABPLearner, autocast_dtype, prepare_module
 
@@ -148,9 +148,9 @@ def bench_step(cfg: Config, batch_size: int, device: str = "cpu", repeats: int =
     z0 = bank.gather(indices, device_obj)
 
     def langevin():
-        return langevin_infer(generator, z0, images, steps=lv.steps, step_size=lv.step_size,
-                              noise_sigma=lv.noise_sigma, generator_rng=learner.rng,
-                              autocast_dtype=learner.autocast_dtype)
+        # The chain exactly as ABPLearner.step runs it (its final energy comes from the generator step).
+        return langevin_infer(generator, z0, images, **chain_options(lv), generator_rng=learner.rng,
+                              autocast_dtype=learner.autocast_dtype, compute_energy_end=False)
 
     langevin_flops = count_flops(langevin)
     baseline = None

@@ -55,6 +55,19 @@ def posterior_energy(generator: nn.Module, z: torch.Tensor, y: torch.Tensor, noi
     return residual.pow(2).sum(1) / (2 * noise_sigma**2) + z.pow(2).sum(1) / 2
 
 
+def chain_options(langevin_config) -> dict:
+    """``langevin_infer`` keywords from a config's ``langevin`` section (steps, step size, noise, guards)."""
+    lv = langevin_config
+    return {
+        "steps": lv.steps,
+        "step_size": lv.step_size,
+        "noise_sigma": lv.noise_sigma,
+        "on_divergence": lv.on_divergence,
+        "max_backoffs": lv.max_backoffs,
+        "grad_clip_norm": lv.grad_clip_norm,
+    }
+
+
 def langevin_infer(
     generator: nn.Module,
     z: torch.Tensor,

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from pipeline.config import Config
-from pipeline.learning.langevin import frozen_parameters, langevin_infer
+from pipeline.learning.langevin import chain_options, frozen_parameters, langevin_infer
 from pipeline.learning.latent_bank import LatentBank
 from pipeline.model.sparsity import scheduled_k
 
@@ -170,18 +170,8 @@ class ABPLearner:
         lv = cfg.langevin
         z_start = self.bank.gather(indices, self.device)
         inferred = langevin_infer(
-            generator_module,
-            z_start,
-            images,
-            steps=lv.steps,
-            step_size=lv.step_size,
-            noise_sigma=lv.noise_sigma,
-            on_divergence=lv.on_divergence,
-            max_backoffs=lv.max_backoffs,
-            grad_clip_norm=lv.grad_clip_norm,
-            generator_rng=self.rng,
-            autocast_dtype=self.autocast_dtype,
-            compute_energy_end=False,
+            generator_module, z_start, images, **chain_options(lv),
+            generator_rng=self.rng, autocast_dtype=self.autocast_dtype, compute_energy_end=False,
         )
         self.bank.scatter(indices, inferred.z)
 
@@ -252,20 +242,10 @@ def infer_latents(
     device = next(unwrap(generator).parameters()).device
     rng = torch.Generator(device=device).manual_seed(seed)
     z0 = torch.randn(images.shape[0], cfg.model.latent_dim, generator=rng, device=device)
-    lv = cfg.langevin
-    result = langevin_infer(
-        unwrap(generator),
-        z0,
-        images.to(device),
-        steps=steps or lv.steps,
-        step_size=lv.step_size,
-        noise_sigma=lv.noise_sigma,
-        on_divergence=lv.on_divergence,
-        max_backoffs=lv.max_backoffs,
-        grad_clip_norm=lv.grad_clip_norm,
-        generator_rng=rng,
-    )
-    return result.z
+    options = chain_options(cfg.langevin)
+    if steps:
+        options["steps"] = steps
+    return langevin_infer(unwrap(generator), z0, images.to(device), **options, generator_rng=rng).z
 
 
 @torch.no_grad()
