@@ -21,11 +21,13 @@ def register(subparsers) -> None:
     step = kinds.add_parser("step", help="time one Algorithm 1 iteration vs a straightforward implementation",
                             description="Median time of a full Algorithm 1 iteration and of its Langevin loop, "
                                         "FLOPs per image, achieved FLOP/s vs this machine's measured dense peak, "
-                                        "and the speed-up over a straightforward implementation.")
+                                        "and the speed-up over a straightforward implementation. The "
+                                        "iteration and the baseline are timed alternately, as are the Langevin "
+                                        "loop and the dense peak, so a shared machine slows both sides alike.")
     add_config_arguments(step)
     step.add_argument("--batch", type=int, default=8, help="images per iteration")
     step.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    step.add_argument("--steps", type=int, default=5, help="timed repeats (median), after one warm-up")
+    step.add_argument("--steps", type=int, default=5, help="timed repeats (medians), after one warm-up")
     step.add_argument("--no-baseline", action="store_true", help="skip the straightforward implementation")
     step.add_argument("--json", action="store_true")
     step.set_defaults(func=run_step)
