@@ -1,6 +1,7 @@
 """The fast paths compute what the straightforward ones do, up to floating-point tolerance (issue: speed)."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -120,6 +121,11 @@ def test_host_allocator_settings_apply_once():
     if sys.platform.startswith("linux"):
         assert first and first["trim_threshold_bytes"] >= 1 << 30
     assert configure_host_allocator() is first
+    opted_out = subprocess.run(
+        [sys.executable, "-c", "from pipeline.host_memory import configure_host_allocator as c; print(c())"],
+        capture_output=True, text=True, timeout=60, env={**os.environ, "SPARSEGEN_HOST_ALLOCATOR": "default"},
+    )
+    assert opted_out.stdout.strip() == "None", opted_out.stderr
 
 
 def test_channels_last_step_matches_contiguous_step():
