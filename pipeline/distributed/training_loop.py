@@ -31,8 +31,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     from pipeline.config import config_from_dict
     from pipeline.data import make_loader, open_dataset
     from pipeline.distributed.checkpoint import LoadedCheckpoint, load_checkpoint, write_checkpoint
-    from pipeline.learning import ABPLearner, LatentBank
     from pipeline.host_memory import configure_host_allocator
+    from pipeline.learning import ABPLearner, LatentBank
     from pipeline.learning.learner import prepare_module, unwrap
     from pipeline.model import build_critic, build_generator
     from pipeline.tracking import mlflow_run

@@ -32,17 +32,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _median_seconds(fn, device: torch.device, repeats: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
+def _seconds(fn, device: torch.device) -> float:
+    """Wall time of one call of ``fn`` (device work included)."""
     _sync(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
 
 
 def count_flops(fn) -> int:
@@ -169,12 +165,17 @@ def bench_step(cfg: Config, batch_size: int, device: str = "cpu", repeats: int =
     # The fast iteration and the baseline are timed alternately, repeat by repeat, so that a shared or
     # throttled machine slows both alike and the speed-up (median of the per-repeat ratios) stays fair.
     say("timing the iteration" + (" and the straightforward baseline, alternately" if baseline else ""))
+    def iteration():
+        learner.step(indices, images)
+
+    for warmup in (iteration, baseline, langevin):
+        if warmup is not None:
+            warmup()
     iteration_times, baseline_times = [], []
     for _ in range(repeats):
-        iteration_times.append(_median_seconds(lambda: learner.step(indices, images), device_obj, 1,
-                                               warmup=1 if not iteration_times else 0))
+        iteration_times.append(_seconds(iteration, device_obj))
         if baseline is not None:
-            baseline_times.append(_median_seconds(baseline, device_obj, 1, warmup=1 if not baseline_times else 0))
+            baseline_times.append(_seconds(baseline, device_obj))
     iteration_s = statistics.median(iteration_times)
     # Likewise the Langevin loop and the machine's dense throughput, alternately: a fraction of peak
     # divides two figures that must come from the same state of the machine.
@@ -182,7 +183,7 @@ def bench_step(cfg: Config, batch_size: int, device: str = "cpu", repeats: int =
     dtype = autocast_dtype(cfg, device_obj) or torch.float32
     langevin_times, peaks = [], []
     for _ in range(repeats):
-        langevin_times.append(_median_seconds(langevin, device_obj, 1, warmup=0 if langevin_times else 1))
+        langevin_times.append(_seconds(langevin, device_obj))
         peaks.append(machine_peak_flops(device_obj, dtype, seconds=1.0))
     langevin_s = statistics.median(langevin_times)
     peak = {key: statistics.median(p[key] for p in peaks) for key in peaks[0]}

@@ -180,8 +180,8 @@ class ABPLearner:
             reconstruction = self.generator(inferred.z).float()
         squared_error = (images - reconstruction).flatten(1).pow(2).sum(1)
         reconstruction_loss = squared_error.mean() / (2 * lv.noise_sigma**2)
-        with torch.no_grad():
-            energy_end = (squared_error / (2 * lv.noise_sigma**2) + inferred.z.pow(2).sum(1) / 2).mean()
+        # E(Z) after the chain (Eq. 14, batch mean) from this forward: no extra pass in the Langevin loop.
+        energy_end = reconstruction_loss.detach() + inferred.z.pow(2).sum(1).mean() / 2
         generator_loss = reconstruction_loss
         if synthesized is not None:
             critic_module = unwrap(self.critic)

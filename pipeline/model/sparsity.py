@@ -12,8 +12,8 @@ values. After a ReLU the common tie is at 0, where extra kept units are zeros an
 number of non-zero units is always <= k. "exact" keeps exactly k (ties broken by ``torch.topk``).
 
 ``relu_topk`` is the fused form the generator runs: ReLU and the "keep" top-k in one comparison on the
-pre-activation (see its docstring), which saves the ReLU pass, the mask multiply and their backward
-passes in every one of the l_G Langevin steps.
+pre-activation (see its docstring), which saves the ReLU pass and its backward pass at every sparse
+layer in every one of the l_G Langevin steps.
 """
 
 from __future__ import annotations
