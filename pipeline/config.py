@@ -146,13 +146,27 @@ class RunConfig:
 
 @dataclass
 class EvaluationConfig:
-    # Metrics computed at the end of training (subset of fid, mse, matching, tree, parts).
+    # Metrics computed at the end of training (subset of fid, mse, matching, tree, parts, swd).
     at_end: list[str] = field(default_factory=lambda: ["mse", "matching", "tree"])
     matching_layer: str = "conv8"
     matching_images: int = 200
     mse_images: int = 1000
     fid_samples: int | None = None
     inception_weights: str | None = None
+    # Langevin inference of *unseen* images (holdout MSE, parts, reconstruction grids). It starts from the
+    # prior N(0, I), not from a persistent Z warmed over many epochs, so it needs a longer chain than
+    # training's langevin.steps (provisional default; choose it from `python -m
+    # pipeline.evaluation.inference_curve` on a trained model).
+    inference_steps: int = 100
+    # The last N of those steps are gradient steps without the delta * E kick, so the returned Z is a
+    # posterior-mode estimate, not a sample carrying the last step's noise (0 = plain Langevin to the end;
+    # N >= the chain length = gradient descent throughout, so a shorter explicit chain stays noise-free).
+    inference_noise_free_steps: int = 20
+    # delta of Eq. 13 for inference; None = langevin.step_size (the value the generator was trained with).
+    inference_step_size: float | None = None
+    # Sliced Wasserstein distance (Karras et al. 2018): generated images vs as many holdout images (train
+    # images when there is no holdout split), at most this many.
+    swd_images: int = 1000
 
 
 @dataclass
@@ -478,10 +492,18 @@ def validate(cfg: Config) -> None:
     if r.gpus_per_worker < 0 or r.cpus_per_worker <= 0:
         p.append("run: gpus_per_worker must be >= 0 and cpus_per_worker > 0")
     e = cfg.evaluation
-    allowed = ["fid", "mse", "matching", "tree", "parts"]
+    allowed = ["fid", "mse", "matching", "tree", "parts", "swd"]
     for metric in e.at_end:
         if metric not in allowed:
             p.append(_unknown("evaluation.at_end metric", metric, allowed))
+    if e.inference_steps <= 0:
+        p.append(f"evaluation.inference_steps: must be a positive number of Langevin steps, got {e.inference_steps}")
+    if e.inference_noise_free_steps < 0:
+        p.append(f"evaluation.inference_noise_free_steps: must be >= 0, got {e.inference_noise_free_steps}")
+    if e.inference_step_size is not None and e.inference_step_size <= 0:
+        p.append(f"evaluation.inference_step_size: must be positive or null, got {e.inference_step_size}")
+    if e.swd_images <= 0:
+        p.append(f"evaluation.swd_images: must be positive, got {e.swd_images}")
     if e.matching_layer not in cfg.layer_names() and not p:
         p.append(_unknown("evaluation.matching_layer", e.matching_layer, cfg.layer_names()))
     if p:

@@ -23,6 +23,11 @@ from pipeline.config import ConfigError, config_from_dict
         (["langevin.stpes=3"], "did you mean 'langevin.steps'?"),
         (["model.sparsity.conv9=3"], "did you mean 'conv8'?"),
         (["training.batch_size=ten"], "training.batch_size: 'ten' is not a valid int"),
+        (["evaluation.inference_steps=0"], "evaluation.inference_steps: must be a positive number of Langevin steps"),
+        (["evaluation.inference_noise_free_steps=-1"], "evaluation.inference_noise_free_steps: must be >= 0"),
+        (["evaluation.inference_step_size=0.0"], "evaluation.inference_step_size: must be positive or null"),
+        (["evaluation.swd_images=0"], "evaluation.swd_images: must be positive"),
+        (["evaluation.at_end=[swd, fdi]"], "unknown evaluation.at_end metric 'fdi'; did you mean 'fid'?"),
     ],
 )
 def test_each_mistake_has_its_message(overrides, message):
@@ -94,3 +99,13 @@ def test_dry_run_bad_override_exits_2():
         capture_output=True, text=True,
     )
     assert out.returncode == 2 and "langevin.steps" in out.stderr
+
+
+def test_inference_and_swd_keys_have_defaults_and_accept_valid_values():
+    cfg = pipeline.load_config("tiny")
+    e = cfg.evaluation
+    assert (e.inference_steps, e.inference_noise_free_steps, e.inference_step_size, e.swd_images) == (100, 20, None, 1000)
+    # A closing longer than the chain is allowed: the whole (e.g. shortened) chain is then noise-free.
+    cfg = pipeline.load_config("tiny", ["evaluation.at_end=[mse, swd]", "evaluation.inference_steps=5",
+                                        "evaluation.inference_noise_free_steps=20", "evaluation.inference_step_size=0.1"])
+    assert cfg.evaluation.at_end == ["mse", "swd"] and cfg.evaluation.inference_step_size == 0.1

@@ -135,7 +135,7 @@ def test_learner_is_reproducible_from_seed():
 
 
 def test_reconstruct_and_generate_shapes():
-    cfg = _small_cfg("langevin.steps=3")
+    cfg = _small_cfg("langevin.steps=3", "evaluation.inference_steps=3")
     generator = pipeline.build_generator(cfg)
     z, recon = reconstruct(generator, _squares(4), cfg)
     assert z.shape == (4, cfg.model.latent_dim) and recon.shape == (4, 3, 32, 32)
@@ -155,3 +155,109 @@ def test_critic_energy_penalty_is_added_to_eq21_and_keeps_energies_bounded():
     assert metrics["critic_loss"] > eq21  # the penalty is non-negative and present
     assert abs(metrics["energy_observed"]) < 5 and abs(metrics["energy_synthesized"]) < 5
     assert metrics["energy_observed"] < metrics["energy_synthesized"]  # the critic still separates them
+
+
+# --- inference of unseen images (evaluation.inference_*) ----------------------------------------------------
+
+
+def _smooth_generator(cfg, n=8, seed=0):
+    """g(Z) = tanh(W Z + b) as 3x32x32 images, and n images it produces exactly, g(Z*) with Z* ~ N(0, I).
+
+    A randomly initialised SparseGenerator is no test bed for inference: its output barely depends on Z
+    and its top-k makes the energy piecewise, so longer chains from the prior were measured to *raise* the
+    MSE there. This generator has a smooth, well-conditioned posterior, where a longer chain must help.
+    """
+    torch.manual_seed(seed)
+    generator = torch.nn.Sequential(torch.nn.Linear(cfg.model.latent_dim, 3 * 32 * 32), torch.nn.Tanh(),
+                                    torch.nn.Unflatten(1, (3, 32, 32)))
+    with torch.no_grad():
+        generator[0].weight.normal_(0, 0.3 / cfg.model.latent_dim**0.5)
+        images = generator(torch.randn(n, cfg.model.latent_dim))
+    return generator, images
+
+
+def test_more_inference_steps_reduce_reconstruction_error():
+    # delta = 0.1: the largest curvature of this energy is ~100, so delta^2 / 2 * 100 < 2 keeps it stable.
+    cfg = _small_cfg("langevin.step_size=0.1")
+    generator, images = _smooth_generator(cfg)
+
+    def mse(steps, quiet):
+        _, recon = reconstruct(generator, images, cfg, steps=steps, noise_free_steps=quiet, seed=3)
+        return float((recon - images).pow(2).mean())
+
+    closing = {steps: mse(steps, 20) for steps in (2, 10, 50)}
+    assert closing[50] < closing[10] < closing[2]
+    noisy = {steps: mse(steps, 0) for steps in (2, 10)}
+    assert noisy[10] < noisy[2]
+    # A noisy end keeps the posterior spread (measured ~1.3e-3, about d * sigma^2 / D); the noise-free
+    # closing reaches the mode (~1e-5).
+    assert closing[50] < 0.1 * mse(50, 0)
+    # Without steps the configured chain runs (100 steps, the last 20 noise-free).
+    _, recon = reconstruct(generator, images, cfg, seed=3)
+    assert float((recon - images).pow(2).mean()) < closing[10]
+
+
+def test_noise_free_closing_returns_z_without_the_last_kick():
+    cfg = _small_cfg()
+    generator, images = _smooth_generator(cfg, n=4)
+    z0 = torch.randn(4, cfg.model.latent_dim, generator=torch.Generator().manual_seed(1))
+
+    def chain(steps, quiet, rng_seed):
+        return langevin_infer(generator, z0, images, steps=steps, step_size=0.1, noise_sigma=0.3,
+                              noise_free_steps=quiet, generator_rng=torch.Generator().manual_seed(rng_seed)).z
+
+    # All steps noise-free: deterministic given z0, whatever the RNG.
+    assert torch.equal(chain(6, 6, 0), chain(6, 6, 1))
+    # Plain Langevin (the training default) does depend on the noise.
+    assert not torch.allclose(chain(6, 0, 0), chain(6, 0, 1))
+    # One noise-free closing step = 5 Langevin steps with the same noise, then a plain gradient step.
+    before = chain(5, 0, 7).requires_grad_(True)
+    (grad,) = torch.autograd.grad(posterior_energy(generator, before, images, 0.3).sum(), before)
+    expected = before.detach() - (0.1**2 / 2) * grad
+    torch.testing.assert_close(chain(6, 1, 7), expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="noise_free_steps"):
+        chain(3, 4, 0)
+
+
+def test_infer_latents_passes_each_inference_setting(monkeypatch):
+    import types
+
+    import pipeline.learning.learner as learner_module
+
+    seen = {}
+
+    def spy(generator, z, y, **options):  # records the chain's settings instead of running it
+        seen.clear()
+        seen.update(options)
+        return types.SimpleNamespace(z=z)
+
+    monkeypatch.setattr(learner_module, "langevin_infer", spy)
+    cfg = _small_cfg("evaluation.inference_steps=7", "evaluation.inference_noise_free_steps=3",
+                     "evaluation.inference_step_size=0.1")
+    generator, images = _smooth_generator(cfg, n=2)
+    learner_module.infer_latents(generator, images, cfg)
+    assert (seen["steps"], seen["noise_free_steps"], seen["step_size"]) == (7, 3, 0.1)
+    assert seen["noise_sigma"] == cfg.langevin.noise_sigma  # the posterior stays the one trained on
+    # Explicit arguments override; a shorter chain than the closing is noise-free throughout.
+    learner_module.infer_latents(generator, images, cfg, steps=2)
+    assert (seen["steps"], seen["noise_free_steps"]) == (2, 2)
+    learner_module.infer_latents(generator, images, cfg, steps=5, noise_free_steps=0, step_size=0.2)
+    assert (seen["steps"], seen["noise_free_steps"], seen["step_size"]) == (5, 0, 0.2)
+    # Without evaluation.inference_step_size the training step size is used.
+    learner_module.infer_latents(generator, images, _small_cfg("langevin.step_size=0.25"))
+    assert seen["step_size"] == 0.25 and seen["steps"] == 100
+    with pytest.raises(ValueError, match="positive"):
+        learner_module.infer_latents(generator, images, cfg, steps=0)
+
+
+def test_inference_step_size_changes_the_result():
+    generator, images = _smooth_generator(_small_cfg(), n=2)
+    small = reconstruct(generator, images, _small_cfg("evaluation.inference_step_size=0.05"), steps=5)[0]
+    large = reconstruct(generator, images, _small_cfg("evaluation.inference_step_size=0.1"), steps=5)[0]
+    assert not torch.allclose(small, large)
+
+
+def test_generate_in_batches_is_the_same_as_at_once():
+    cfg = _small_cfg()
+    generator = pipeline.build_generator(cfg).eval()
+    torch.testing.assert_close(generate(generator, 7, cfg, seed=2, batch_size=3), generate(generator, 7, cfg, seed=2))

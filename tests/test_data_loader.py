@@ -1,4 +1,5 @@
-"""ShardLoader: rank split (disjoint, complete, equal batch counts), shuffling, decoding, errors."""
+"""ShardLoader: stable rank partitions (disjoint, complete, equal batch counts, the same every epoch),
+shuffling, decoding, errors."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch
 from PIL import Image
 
 from pipeline.data import DataError, make_demo_data, make_loader, open_dataset
-from pipeline.data.loader import plan_epoch
+from pipeline.data.loader import partition_for_rank, plan_epoch
 
 SHARD_SIZE = 6
 BATCH_SIZE = 4
@@ -76,17 +77,53 @@ def test_plan_properties_exhaustively():
         total = starts[-1]
         world_size = rng.randint(1, min(3, total))
         batch_size = rng.randint(1, 5)
-        epoch = rng.randint(0, 3)
-        plans = [plan_epoch(shard_indices, batch_size=batch_size, rank=r, world_size=world_size, seed=1,
-                            epoch=epoch, shuffle=True) for r in range(world_size)]
-        assert len({len(p.batch_sizes) for p in plans}) == 1
-        assert all(min(p.batch_sizes) >= 1 for p in plans)
-        assert all(sum(p.batch_sizes) == p.num_samples for p in plans)
-        assert all(max(p.batch_sizes) <= max(batch_size, 2) for p in plans)
-        indices = [i for p in plans for _, shard in p.shards for i in shard]
-        assert sorted(indices) == list(range(total))
-        counts = [p.num_samples for p in plans]
-        assert max(counts) - min(counts) <= 1
+        epochs = [plan_epoch(shard_indices, batch_size=batch_size, rank=r, world_size=world_size, seed=1,
+                             epoch=epoch, shuffle=True) for epoch in range(3) for r in range(world_size)]
+        epochs = [epochs[e * world_size:(e + 1) * world_size] for e in range(3)]
+        for plans in epochs:
+            assert len({len(p.batch_sizes) for p in plans}) == 1
+            assert all(min(p.batch_sizes) >= 1 for p in plans)
+            assert all(sum(p.batch_sizes) == p.num_samples for p in plans)
+            assert all(max(p.batch_sizes) <= max(batch_size, 2) for p in plans)
+            indices = [i for p in plans for _, shard in p.shards for i in shard]
+            assert sorted(indices) == list(range(total))
+            counts = [p.num_samples for p in plans]
+            assert max(counts) - min(counts) <= 1
+        # Stable partition: every epoch, each rank reads the same set of samples (its latents live there).
+        for rank in range(world_size):
+            sets = [sorted(i for _, shard in plans[rank].shards for i in shard) for plans in epochs]
+            assert sets[0] == sets[1] == sets[2]
+            partition = partition_for_rank(shard_indices, rank=rank, world_size=world_size)
+            assert sets[0] == sorted(i for _, shard in partition for i in shard)
+            # Contiguous in sorted shard order, so each rank reads ~1/world_size of the shards.
+            assert sets[0] == list(range(sets[0][0], sets[0][-1] + 1))
+
+
+def test_partition_is_stable_contiguous_and_shards_are_shared_at_most_at_the_boundaries():
+    shard_indices = {f"shard-{s:06d}.tar": list(range(10 * s, 10 * s + 10)) for s in range(8)}  # 80 samples
+    for world_size in (1, 2, 3, 5, 8, 13):
+        partitions = [partition_for_rank(shard_indices, rank=r, world_size=world_size) for r in range(world_size)]
+        flat = [[i for _, shard in p for i in shard] for p in partitions]
+        assert [i for part in flat for i in part] == list(range(80)), "rank order follows sorted shard order"
+        assert max(map(len, flat)) - min(map(len, flat)) <= 1
+        for p in partitions:  # a rank reads whole shards except possibly its first and last one
+            assert all(len(shard) == 10 for _, shard in p[1:-1])
+        readers = {}
+        for rank, p in enumerate(partitions):
+            for name, _ in p:
+                readers.setdefault(name, set()).add(rank)
+        assert sum(len(r) for r in readers.values()) <= 8 + 2 * world_size  # shared shards: boundaries only
+    with pytest.raises(DataError, match="outside"):
+        partition_for_rank(shard_indices, rank=3, world_size=3)
+
+
+def test_loader_partition_indices_are_what_the_rank_reads_every_epoch(datasets):
+    url = datasets[5]
+    for rank in range(3):
+        loader = make_loader(url, batch_size=BATCH_SIZE, rank=rank, world_size=3, seed=7)
+        for epoch in range(3):
+            loader.set_epoch(epoch)
+            assert sorted(i for indices, _ in loader for i in indices.tolist()) == loader.partition_indices
 
 
 def test_too_few_samples_for_the_ranks_is_a_clear_error(datasets):

@@ -60,3 +60,45 @@ def test_matching_score_of_a_tiny_model(tiny_generator):
     for unit in result["units"]:
         y0, y1, x0, x1 = unit["box"]
         assert 0 <= y0 < y1 <= 32 and 0 <= x0 < x1 <= 32 and unit["activation"] > 0
+
+
+def test_field_box_is_a_fixed_window_around_the_projective_field_centre():
+    from pipeline.evaluation.matching import FIELD_CELLS, field_box
+
+    # conv8 of a 32 px image: cells of 4 px; 2 cells = an 8 px window centred on (4y + 2, 4x + 2).
+    assert FIELD_CELLS == 2.0
+    assert field_box("conv8", 3, 4, 32) == (10, 18, 14, 22)
+    # At the border the window keeps its size and shifts inside the image.
+    assert field_box("conv8", 0, 7, 32) == (0, 8, 24, 32)
+    assert field_box("conv16", 5, 5, 64, cells=3) == (16, 28, 16, 28)  # centre 22, side 12
+    assert field_box("conv8", 2, 2, 32, cells=100) == (0, 32, 0, 32)
+
+
+def test_field_crop_scores_equal_windows_of_the_full_basis_function(tiny_generator):
+    import torch
+
+    from pipeline.evaluation.basis import active_units, basis_functions, forward_with_masks
+    from pipeline.evaluation.matching import field_box, units_for_matching
+
+    cfg, generator = tiny_generator
+    bases = units_for_matching(generator, "conv8", latent_dim=cfg.model.latent_dim, num_latents=2,
+                               units_per_latent=3, seed=0, crop="field")
+    z = torch.randn(2, cfg.model.latent_dim, generator=torch.Generator().manual_seed(0))
+    _, activations, masks = forward_with_masks(generator, z)
+    full = basis_functions(generator, masks, active_units(activations, "conv8", top=3), crop=False)
+    assert len(bases) == len(full) == 6
+    for b, f in zip(bases, full):
+        assert b.image.shape == (3, 8, 8)  # the same window for every unit
+        y0, y1, x0, x1 = field_box("conv8", b.unit.y, b.unit.x, 32)
+        assert b.box == (y0, y1, x0, x1)
+        assert np.array_equal(b.image, f.image[:, y0:y1, x0:x1])
+    images = torch.rand(6, 3, 32, 32) * 2 - 1
+    support = matching_score(generator, images, "conv8", latent_dim=cfg.model.latent_dim, num_latents=2,
+                             units_per_latent=3)
+    field = matching_score(generator, images, "conv8", latent_dim=cfg.model.latent_dim, num_latents=2,
+                           units_per_latent=3, crop="field")
+    assert field["crop"] == "field" and support["crop"] == "support"
+    assert field["scored"] == 6 and -1.0 <= field["score"] <= 1.0
+    assert all(tuple(u["box"])[1] - tuple(u["box"])[0] == 8 for u in field["units"])
+    with pytest.raises(ValueError, match="crop must be one of support, field"):
+        matching_score(generator, images, "conv8", latent_dim=cfg.model.latent_dim, crop="box")

@@ -1,4 +1,4 @@
-"""`sparsegen evaluate`: FID, holdout MSE, Table 4 matching, the AND-OR tree and part interpretability."""
+"""`sparsegen evaluate`: FID, holdout MSE, Table 4 matching, the AND-OR tree, part interpretability and SWD."""
 
 from __future__ import annotations
 
@@ -12,12 +12,13 @@ EXIT_UNAVAILABLE = 3  # a metric asked for explicitly (e.g. --metrics fid withou
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "evaluate",
-        help="evaluate a trained generator (FID, MSE, matching, AND-OR tree, parts) and log to its MLflow run",
+        help="evaluate a trained generator (FID, MSE, matching, AND-OR tree, parts, SWD) and log to its MLflow run",
         description=(
             "Evaluate a checkpoint. With --run the checkpoint is the run's 'sparsegen.checkpoint' tag and results "
             "are logged into that run; with --checkpoint they are logged into the run named in the checkpoint's "
             "meta.json when the tracking store has it, else only printed. Metrics: fid (needs the TF Inception "
-            "weights: --inception-weights or $SPARSEGEN_INCEPTION_WEIGHTS), mse, matching, tree, parts (demo data)."
+            "weights: --inception-weights or $SPARSEGEN_INCEPTION_WEIGHTS), mse, matching, tree, parts (demo data), "
+            "swd (sliced Wasserstein distance on Laplacian-pyramid patches, x 1e3, no download)."
         ),
     )
     source = parser.add_mutually_exclusive_group(required=True)
@@ -30,7 +31,7 @@ def register(subparsers) -> None:
                         help="where local runs, the MLflow store and demo data live (default: $SPARSEGEN_WORKDIR or "
                              "./sparsegen-work, as for `sparsegen train`)")
     parser.add_argument("--metrics", default=None,
-                        help="comma-separated subset of fid,mse,matching,tree,parts or 'all' (default: the config's "
+                        help="comma-separated subset of fid,mse,matching,tree,parts,swd or 'all' (default: the config's "
                              "evaluation.at_end). Metrics named here are required: if one cannot be computed the "
                              f"command exits {EXIT_UNAVAILABLE}")
     parser.add_argument("--samples", type=int, default=None,
@@ -42,7 +43,8 @@ def register(subparsers) -> None:
                              "MLFLOW_TRACKING_URI, else the sqlite store under --workdir, as for `sparsegen train`)")
     parser.add_argument("--out", default=None, help="directory for artifacts (default: a temporary directory)")
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the latents drawn for FID, matching and the tree")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the latents drawn for FID, SWD, matching and the tree, and of SWD's patches")
     parser.add_argument("--no-log", action="store_true", help="do not log into MLflow, only print")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--json", action="store_true", help="print the metrics as one JSON object on the last stdout line")
@@ -113,7 +115,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
     metrics = requested if requested is not None else parse_metrics(cfg.evaluation.at_end)
     data_url = args.data or cfg.data.url
-    if data_url is None and set(metrics) & {"fid", "mse", "matching", "parts"}:
+    if data_url is None and set(metrics) & {"fid", "mse", "matching", "parts", "swd"}:
         # The run trained on the built-in demo data: the same shards, made once under the workdir.
         from pipeline.distributed.trainer import ensure_demo_data, resolve_workdir
 

@@ -15,7 +15,7 @@ Public API (imported lazily, so ``import pipeline.data`` costs nothing until use
     DataError                                             # every user-facing data problem
 
 Formats: ``pipeline.data.shards`` (shards + manifest), ``pipeline.data.demo`` (ground-truth JSON schema),
-``pipeline.data.loader`` (rank split, batches, error handling), ``pipeline.data.storage`` (local / s3 URLs).
+``pipeline.data.loader`` (stable rank partitions, batches, error handling), ``pipeline.data.storage`` (local / s3 URLs).
 Images reach the model as float32 NCHW RGB in [-1, 1].
 """
 
@@ -39,6 +39,7 @@ _LAZY = {
     "make_loader": "pipeline.data.loader",
     "ShardLoader": "pipeline.data.loader",
     "plan_epoch": "pipeline.data.loader",
+    "partition_for_rank": "pipeline.data.loader",
     "bench_data": "pipeline.data.bench",
 }
 

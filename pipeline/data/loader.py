@@ -1,18 +1,25 @@
 """Training/evaluation reader: shards split across Ray Train ranks, shuffled, decoded to [-1, 1] tensors.
 
-Rank split (``plan_epoch``). Per epoch the split's shards are put in a seeded order (from ``seed`` and
-``epoch``) and their samples concatenated; rank ``r`` gets the ``r``-th of ``world_size`` contiguous,
-near-equal ranges (sizes differ by at most one). A range mostly covers whole shards, so each rank reads
-about ``1/world_size`` of the shards plus at most two boundary shards that it shares with a neighbour.
-Every sample of the split is therefore seen exactly once per epoch across ranks, also when shards do not
-divide evenly (5 shards over 2 or 3 ranks) or there are fewer shards than ranks.
+Rank split (``partition_for_rank``). The split's shards are taken in sorted order and their samples
+concatenated; rank ``r`` gets the ``r``-th of ``world_size`` contiguous, near-equal ranges (sizes differ by
+at most one). The partition is *stable*: the same global indices every epoch (it depends on the manifest
+and the world size only, not on the seed or epoch), because each rank keeps the persistent latent Z of
+exactly its partition's examples (``pipeline.learning.latent_bank``) and every chain must continue from
+its last Z. A range mostly covers whole shards, so each rank reads about ``1/world_size`` of the shards
+plus at most two boundary shards that it shares with a neighbour. Every sample of the split is therefore
+seen exactly once per epoch across ranks, also when shards do not divide evenly (5 shards over 2 or 3
+ranks) or there are fewer shards than ranks. Since ingest writes the source in sorted order (often class
+folder by class folder), a rank's partition may be one part of the source only; under DDP the step's
+gradient averages all ranks, so each update still sees every partition (a stratified batch).
 
-Batch counts are the same on every rank (so DDP never waits on a rank that ran out): each rank yields
-``ceil(ceil(N / world_size) / batch_size)`` batches (capped so no batch is empty), all of ``batch_size``
-except the last ones, which shrink as needed; batch sizes may thus differ by rank. The count is computed
-from the manifest alone: ``len(loader)`` reads nothing.
+Per epoch (``plan_epoch``), a rank reads its partition's shards in a seeded order (from ``seed``,
+``epoch`` and ``rank``). Batch counts are the same on every rank (so DDP never waits on a rank that ran
+out): each rank yields ``ceil(ceil(N / world_size) / batch_size)`` batches (capped so no batch is empty),
+all of ``batch_size`` except the last ones, which shrink as needed; batch sizes may thus differ by rank.
+The count is computed from the manifest alone: ``len(loader)`` reads nothing.
 
-Within a rank, samples go through a seeded shuffle buffer (webdataset's) across its shards.
+Within a rank, samples go through a seeded shuffle buffer (webdataset's, seeded by seed, epoch and rank)
+across its shards.
 
 Errors (``on_error``): an unreadable/truncated shard, a sample whose bytes do not match the manifest's
 SHA-256 (damaged shard), or an undecodable image either raises ``DataError`` naming the shard (``"raise"``) or is skipped,
@@ -68,11 +75,29 @@ class RankPlan:
         return sum(len(indices) for _, indices in self.shards)
 
 
-def epoch_shard_order(shard_names: list[str], *, seed: int, epoch: int, shuffle: bool) -> list[str]:
-    names = sorted(shard_names)
-    if shuffle:
-        random.Random(f"sparsegen-shards:{seed}:{epoch}").shuffle(names)
-    return names
+def partition_for_rank(
+    shard_indices: dict[str, list[int]], *, rank: int, world_size: int
+) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """Rank ``rank``'s stable partition: ``(shard name, global indices)`` in sorted shard order (see the
+    module docstring). The same for every epoch and seed."""
+    if not 0 <= rank < world_size:
+        raise DataError(f"rank {rank} is outside world_size {world_size}")
+    total = sum(len(v) for v in shard_indices.values())
+    if total < world_size:
+        raise DataError(f"the split has {total} samples, fewer than the {world_size} ranks that must share it")
+    base, extra = divmod(total, world_size)
+    start = rank * base + min(rank, extra)
+    stop = start + base + (1 if rank < extra else 0)
+    shards, position = [], 0
+    for name in sorted(shard_indices):
+        indices = shard_indices[name]
+        lo, hi = max(start, position), min(stop, position + len(indices))
+        if lo < hi:
+            shards.append((name, tuple(indices[lo - position : hi - position])))
+        position += len(indices)
+        if position >= stop:
+            break
+    return tuple(shards)
 
 
 def batch_sizes_for(num_samples: int, num_batches: int, batch_size: int) -> tuple[int, ...]:
@@ -96,28 +121,20 @@ def plan_epoch(
     epoch: int,
     shuffle: bool,
 ) -> RankPlan:
-    """The samples and batch sizes of ``rank`` for one epoch (see module docstring)."""
+    """The samples and batch sizes of ``rank`` for one epoch (see module docstring): its stable partition,
+    shards in a seeded per-epoch order when ``shuffle``."""
     if batch_size < 1:
         raise DataError(f"batch_size must be >= 1, got {batch_size}")
-    if not 0 <= rank < world_size:
-        raise DataError(f"rank {rank} is outside world_size {world_size}")
+    shards = list(partition_for_rank(shard_indices, rank=rank, world_size=world_size))
+    if shuffle:
+        random.Random(f"sparsegen-shards:{seed}:{epoch}:{rank}").shuffle(shards)
     total = sum(len(v) for v in shard_indices.values())
-    if total < world_size:
-        raise DataError(f"the split has {total} samples, fewer than the {world_size} ranks that must share it")
     base, extra = divmod(total, world_size)
-    start = rank * base + min(rank, extra)
-    stop = start + base + (1 if rank < extra else 0)
-    shards, position = [], 0
-    for name in epoch_shard_order(list(shard_indices), seed=seed, epoch=epoch, shuffle=shuffle):
-        indices = shard_indices[name]
-        lo, hi = max(start, position), min(stop, position + len(indices))
-        if lo < hi:
-            shards.append((name, tuple(indices[lo - position : hi - position])))
-        position += len(indices)
     smallest_rank_samples, largest_rank_samples = base, base + (1 if extra else 0)
     # Capped at the smallest rank's sample count so that no rank has an empty batch (matters for batch_size 1).
     num_batches = min(math.ceil(largest_rank_samples / batch_size), smallest_rank_samples)
-    return RankPlan(tuple(shards), batch_sizes_for(stop - start, num_batches, batch_size))
+    rank_samples = sum(len(indices) for _, indices in shards)
+    return RankPlan(tuple(shards), batch_sizes_for(rank_samples, num_batches, batch_size))
 
 
 class ShardLoader:
@@ -167,8 +184,16 @@ class ShardLoader:
         self.corrupt_shard_names: list[str] = []
         self.set_epoch(epoch)
 
+    @property
+    def partition_indices(self) -> list[int]:
+        """Sorted global indices this rank reads in every epoch (its stable partition): the rows its
+        latent bank must hold."""
+        shards = partition_for_rank(self._shard_indices, rank=self.rank, world_size=self.world_size)
+        return sorted(index for _, indices in shards for index in indices)
+
     def set_epoch(self, epoch: int) -> None:
-        """Select the epoch; the shard order, rank split and shuffle are functions of (seed, epoch)."""
+        """Select the epoch; the shard order and shuffle within the rank are functions of (seed, epoch);
+        the rank's set of samples is the same in every epoch."""
         self.epoch = epoch
         self.plan = plan_epoch(
             self._shard_indices,

@@ -1,13 +1,23 @@
 """The per-worker training loop that Ray Train runs on every rank (Algorithm 1 under DDP).
 
 Stages, in order:
-  1. setup       -- rank, device, models (DDP when world_size > 1), learner, loader over this rank's shards
-  2. restore     -- from Ray's latest checkpoint (worker restart / same --name) or --resume-from
+  1. setup       -- rank, device, models (DDP when world_size > 1), loader over this rank's stable
+                    partition, a latent bank of that partition's rows only, learner
+  2. restore     -- from Ray's latest checkpoint (worker restart / same --name) or --resume-from, at any
+                    world size: this rank's latents from the parts that overlap its partition
   3. loop        -- per batch: sparsity schedule, Algorithm 1 step, fault injection
   4. log         -- every run.log_every_steps: metrics averaged over ranks, rank 0 -> MLflow
   5. evaluate    -- every run.eval_every_steps: sample and reconstruction grids (rank 0) -> MLflow
-  6. checkpoint  -- every run.checkpoint_every_steps and at the end: merge latent banks across ranks,
-                    rank 0 writes the checkpoint, every rank calls ray.train.report (metrics on all ranks)
+  6. checkpoint  -- every run.checkpoint_every_steps and at the end: every rank writes its latents part,
+                    rank 0 adds state, config and meta, every rank reports its directory to Ray (which
+                    merges them into one checkpoint)
+
+Epoch position. The loop tracks (epoch index, step at which that epoch began) and saves both in
+meta.json, because steps per epoch depend on the world size: resuming at another world size continues
+at the same epoch, not at ``step // steps_per_epoch``. A checkpoint taken mid-epoch and resumed at another
+world size cannot finish that epoch (which examples the old partition still had to read is not known
+to the new one), so it starts the next epoch; examples not reached in the interrupted one have one chain
+fewer (``visits`` in the latents shows it).
 
 Ray's ``report`` is a synchronisation point that costs up to the controller's poll interval, so the loop
 reports only at checkpoints; per-step metrics go straight to MLflow from rank 0.
@@ -30,7 +40,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     from pipeline.config import config_from_dict
     from pipeline.data import make_loader, open_dataset
-    from pipeline.distributed.checkpoint import LoadedCheckpoint, load_checkpoint, write_checkpoint
+    from pipeline.distributed.checkpoint import LoadedCheckpoint, checkpoint_uri, write_checkpoint, write_latent_part
     from pipeline.host_memory import configure_host_allocator
     from pipeline.learning import ABPLearner, LatentBank
     from pipeline.learning.learner import prepare_module, unwrap
@@ -54,23 +64,26 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     info = open_dataset(cfg.data.url)
-    bank = LatentBank(info.max_global_index + 1, cfg.model.latent_dim, seed=cfg.training.seed)
+    loader = make_loader(
+        info, split="train", batch_size=cfg.training.batch_size, rank=rank, world_size=world_size,
+        seed=cfg.training.seed, epoch=0, on_error=cfg.data.on_error, image_size=cfg.model.resolution,
+    )
+    # Only this rank's partition: N / world_size rows (the loader reads the same examples every epoch).
+    bank = LatentBank(info.max_global_index + 1, cfg.model.latent_dim, seed=cfg.training.seed,
+                      indices=loader.partition_indices)
 
     # -- 2. restore ---------------------------------------------------------------------------------------
     loaded: LoadedCheckpoint | None = None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            loaded = load_checkpoint(directory, map_location=device)
+        uri = checkpoint_uri(checkpoint.path, checkpoint.filesystem)
+        if uri is not None:  # read in place: only the latents parts this rank needs are fetched
+            loaded = _restore(uri, bank, device)
+        else:
+            with checkpoint.as_directory() as directory:
+                loaded = _restore(directory, bank, device)
     elif loop_config.get("initial_checkpoint"):
-        loaded = load_checkpoint(loop_config["initial_checkpoint"], map_location=device)
-    if loaded is not None:
-        if loaded.bank.capacity != bank.capacity:
-            raise ValueError(
-                f"checkpoint latent bank holds {loaded.bank.capacity} examples but the dataset has "
-                f"{bank.capacity}: resume with the same data"
-            )
-        bank = loaded.bank
+        loaded = _restore(loop_config["initial_checkpoint"], bank, device)
     if distributed:
         kwargs = {"device_ids": [device.index]} if device.type == "cuda" else {}
         generator = torch.nn.parallel.DistributedDataParallel(generator, **kwargs)
@@ -79,18 +92,17 @@ def train_loop_per_worker(loop_config: dict) -> None:
     learner = ABPLearner(cfg, generator, critic, bank, device)
     if loaded is not None:
         learner.load_state_dict(loaded.state)
-        # The bank is keyed by example index, so a checkpoint from any world size restores every Z.
     learner.rng.manual_seed(cfg.training.seed * 1000 + rank + 7919 * learner.step_count)
-    loader = make_loader(
-        info, split="train", batch_size=cfg.training.batch_size, rank=rank, world_size=world_size,
-        seed=cfg.training.seed, epoch=0, on_error=cfg.data.on_error, image_size=cfg.model.resolution,
-    )
     steps_per_epoch = len(loader)
-    total_steps = cfg.training.max_steps or math.ceil(cfg.training.epochs * steps_per_epoch)
     step = learner.step_count
+    epoch_index, epoch_start_step = resume_position(loaded.meta if loaded else None, step, steps_per_epoch,
+                                                    world_size, announce=is_logger)
+    total_steps = cfg.training.max_steps or epoch_start_step + math.ceil(
+        (cfg.training.epochs - epoch_index) * steps_per_epoch)
     if is_logger:
-        print(f"[sparsegen] rank 0/{world_size}: {steps_per_epoch} steps/epoch, training to step {total_steps}"
-              f"{f', resumed at step {step}' if step else ''}", flush=True)
+        print(f"[sparsegen] rank 0/{world_size}: {steps_per_epoch} steps/epoch, {bank.num_rows} latents per rank "
+              f"({bank.memory_bytes / 1e6:.1f} MB), training to step {total_steps}"
+              f"{f', resumed at step {step} (epoch {epoch_index})' if step else ''}", flush=True)
 
     # Fixed images and prior latents for the grids, so pictures are comparable across steps.
     grid_z = torch.randn(32, cfg.model.latent_dim, generator=torch.Generator().manual_seed(1234)).to(device)
@@ -108,15 +120,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
     metric_sums: dict[str, float] = {}
     first_step_pending = True
     while step < total_steps:
-        epoch = step // steps_per_epoch
-        skip = step - epoch * steps_per_epoch  # resumed mid-epoch: skip the batches already trained on
-        loader.set_epoch(epoch)
+        skip = step - epoch_start_step  # resumed mid-epoch: skip the batches already trained on
+        loader.set_epoch(epoch_index)
         for batch_index, (indices, images) in enumerate(loader):
             if batch_index < skip:
                 continue
             if grid_images is None:
                 grid_images = images[:16].clone()
-            learner.set_epoch(step / steps_per_epoch)
+            learner.set_epoch(epoch_index + (step - epoch_start_step) / steps_per_epoch)
             metrics = learner.step(indices, images).as_floats()
             step += 1
             window_images += images.shape[0]
@@ -138,7 +149,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 logged["images_per_s_per_worker"] = window_images / max(elapsed_s, 1e-9)
                 logged = _average_over_ranks(logged, device) if distributed else logged
                 logged["images_per_s"] = logged["images_per_s_per_worker"] * world_size
-                logged["epoch"] = step / steps_per_epoch
+                logged["epoch"] = epoch_index + (step - epoch_start_step) / steps_per_epoch
                 logged.update(_sparsity_metrics(unwrap(generator), grid_z))
                 for key, value in loader.stats.items():
                     logged[f"data_{key}"] = float(value)
@@ -150,25 +161,75 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 _log_grids(cfg, unwrap(generator), grid_z, grid_images, tracking_uri, run_id, step)
             # -- 6. checkpoint ----------------------------------------------------------------------------
             if step % cfg.run.checkpoint_every_steps == 0 or last:
-                bank.merge_across_ranks(device if device.type == "cuda" else None)
-                report = {"step": step, "epoch": step / steps_per_epoch,
-                          "reconstruction_mse": metrics["reconstruction_mse"]}
+                epoch_progress = epoch_index + (step - epoch_start_step) / steps_per_epoch
+                report = {"step": step, "epoch": epoch_progress, "reconstruction_mse": metrics["reconstruction_mse"]}
                 if is_logger and holdout_images is not None:
                     report["holdout_mse_pm1"] = _holdout_mse(cfg, unwrap(generator), holdout_images)
                     mlflow_run.log_metrics(tracking_uri, run_id, {"holdout_mse_pm1": report["holdout_mse_pm1"]}, step)
-                if is_logger:
-                    with tempfile.TemporaryDirectory() as directory:
-                        meta = {"step": step, "epoch": step / steps_per_epoch, "world_size": world_size,
+                # Where the next step resumes: the next epoch's start once this epoch's batches are done.
+                epoch_done = step - epoch_start_step >= steps_per_epoch
+                with tempfile.TemporaryDirectory() as directory:
+                    # Every rank writes its own latents; Ray merges the ranks' directories into one checkpoint.
+                    part = write_latent_part(directory, bank, rank=rank, world_size=world_size)
+                    parts = _all_gather(part) if distributed else [part]
+                    if is_logger:
+                        meta = {"step": step, "epoch": epoch_progress, "world_size": world_size,
+                                "epoch_index": epoch_index + 1 if epoch_done else epoch_index,
+                                "epoch_start_step": step if epoch_done else epoch_start_step,
                                 "mlflow_run_id": run_id, "run_name": loop_config["run_name"]}
-                        write_checkpoint(directory, cfg, learner.state_dict(), bank, meta)
-                        ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(directory))
-                else:
-                    ray.train.report(report)
+                        write_checkpoint(directory, cfg, learner.state_dict(), None, meta, latent_parts=parts)
+                    ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(directory))
             if last:
                 break
         else:
+            epoch_index, epoch_start_step = epoch_index + 1, step
             continue
         break
+
+
+def _restore(uri: str, bank, device: torch.device):
+    """The checkpoint at ``uri`` without its latents, after restoring this rank's rows into ``bank``."""
+    from pipeline.distributed.checkpoint import load_checkpoint, restore_latents
+
+    loaded = load_checkpoint(uri, map_location=device, latents=False)
+    restored = restore_latents(uri, bank, loaded.meta)
+    if restored != bank.num_rows:
+        print(f"[sparsegen] warning: the checkpoint holds {restored} of this rank's {bank.num_rows} latents; "
+              "the others start from their initial N(0, I) draw", flush=True)
+    return loaded
+
+
+def resume_position(meta: dict | None, step: int, steps_per_epoch: int, world_size: int,
+                    announce: bool = False) -> tuple[int, int]:
+    """(epoch index, step at which that epoch began) to continue at ``step`` (see the module docstring)."""
+    if meta is None:
+        epoch = step // steps_per_epoch
+        return epoch, epoch * steps_per_epoch
+    if "epoch_index" in meta:
+        epoch, start = int(meta["epoch_index"]), int(meta["epoch_start_step"])
+    else:  # written before epoch positions were saved: "epoch" is step / steps_per_epoch at its world size
+        written_epoch = float(meta.get("epoch", step / steps_per_epoch))
+        epoch = int(math.floor(written_epoch + 1e-9))
+        fraction = written_epoch - epoch
+        if meta.get("world_size", world_size) == world_size:
+            start = step - round(fraction * steps_per_epoch)
+        else:  # the writer's steps per epoch are unknown: only "mid-epoch or not" carries over
+            start = step - (1 if fraction > 1e-9 else 0)
+    if step > start and meta.get("world_size", world_size) != world_size:
+        if announce:
+            print(f"[sparsegen] warning: the checkpoint from {meta['world_size']} workers was taken in the middle "
+                  f"of epoch {epoch}; on {world_size} workers training continues with epoch {epoch + 1}", flush=True)
+        epoch, start = epoch + 1, step
+    return epoch, start
+
+
+def _all_gather(obj):
+    """``obj`` of every rank, in rank order (a few integers per rank: the latents part records)."""
+    import torch.distributed as dist
+
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
 
 
 def _maybe_crash(cfg, rank: int, step: int, marker: str | None) -> None:

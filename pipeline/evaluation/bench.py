@@ -81,7 +81,9 @@ def bench_evaluation(
         "mse_images": int(mse["holdout_mse_images"]),
         "mse_seconds": mse_seconds,
         "mse_images_per_s": mse["holdout_mse_images"] / mse_seconds,
-        "langevin_steps": cfg.langevin.steps,
+        # holdout MSE runs the inference chain (evaluation.inference_*), not training's langevin.steps.
+        "inference_steps": cfg.evaluation.inference_steps,
+        "inference_noise_free_steps": cfg.evaluation.inference_noise_free_steps,
         "matching_images": matching["num_images"],
         "matching_units": matching["scored"],
         "matching_seconds": matching_seconds,

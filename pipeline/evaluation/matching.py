@@ -16,6 +16,14 @@ normalised cross-correlation (Lewis 1995, its ref. [37]) and reports the mean ma
   position (less saturating; a secondary figure, not Table 4's).
 * **Table 4's number** = mean of the per-basis-function scores.
 
+**Crop rule** (``crop``): ``"support"`` (the default, Table 4's number) crops each basis function to the
+bounding box of its non-zero support, which for a part-level unit includes the faint tails the 3x3
+convolutions spread it over. ``"field"`` instead takes a fixed window of ``field_cells`` x R/S pixels (R the
+image side, S the layer's grid side; ``FIELD_CELLS`` = 2 by default, i.e. the unit's own cell plus half a
+cell on each side) centred on the unit's nominal projective field (``basis.receptive_field_centre_px``) and
+shifted inside the image at its borders: every unit of every model gets a template of the same size, so a
+sparse and a dense model are compared on equal windows (reported as ``matching_score_<layer>_field``).
+
 Units scored (``units_for_matching``): for ``num_latents`` Z's drawn from N(0, I) with a fixed seed, the
 ``units_per_latent`` most strongly activated units of the layer per Z (activation > 0 after ReLU and top-k).
 Basis functions of a dense and a sparse model are thus chosen by the same rule: the units that carry each
@@ -35,6 +43,9 @@ from dataclasses import dataclass
 import numpy as np
 
 _LUMA = np.array([0.299, 0.587, 0.114], np.float64)
+CROPS = ("support", "field")
+# Side of the "field" crop window in cells of the layer's grid (x R/S pixels); see the module docstring.
+FIELD_CELLS = 2.0
 
 
 @dataclass
@@ -139,37 +150,66 @@ def match_basis_functions(patterns_chw: list[np.ndarray], images_hwc: np.ndarray
     }
 
 
+def field_box(layer: str, y: int, x: int, resolution: int, cells: float = FIELD_CELLS) -> tuple[int, int, int, int]:
+    """(y0, y1, x0, x1) of the ``"field"`` crop: a square of ``cells`` x R/S pixels (at least 2, at most the
+    image) centred on the unit's projective-field centre, shifted to lie inside the image."""
+    from pipeline.evaluation.basis import layer_side, receptive_field_centre_px
+
+    if cells <= 0:
+        raise ValueError(f"field_cells must be positive, got {cells}")
+    side = int(min(resolution, max(2, round(cells * resolution / layer_side(layer)))))
+    cy, cx = receptive_field_centre_px(layer, y, x, resolution)
+    y0 = int(min(max(round(cy - side / 2), 0), resolution - side))
+    x0 = int(min(max(round(cx - side / 2), 0), resolution - side))
+    return y0, y0 + side, x0, x0 + side
+
+
 def units_for_matching(generator, layer: str, *, latent_dim: int, num_latents: int = 8, units_per_latent: int = 8,
-                       seed: int = 0):
-    """(basis functions, number of Z's) of the units scored for Table 4 (see the module docstring)."""
+                       seed: int = 0, crop: str = "support", field_cells: float = FIELD_CELLS):
+    """Basis functions of the units scored for Table 4 (see the module docstring), cropped by ``crop``."""
     import torch
 
     from pipeline.evaluation.basis import active_units, basis_functions, forward_with_masks
 
+    if crop not in CROPS:
+        raise ValueError(f"crop must be one of {', '.join(CROPS)}, got {crop!r}")
     device = next(generator.parameters()).device
     rng = torch.Generator(device="cpu").manual_seed(seed)
     z = torch.randn(num_latents, latent_dim, generator=rng).to(device)
     _, activations, masks = forward_with_masks(generator, z)
     units = active_units(activations, layer, top=units_per_latent)
-    return basis_functions(generator, masks, units)
+    if crop == "support":
+        return basis_functions(generator, masks, units)
+    bases = basis_functions(generator, masks, units, crop=False)
+    for b in bases:
+        resolution = b.image.shape[-1]
+        b.box = field_box(layer, b.unit.y, b.unit.x, resolution, field_cells)
+        y0, y1, x0, x1 = b.box
+        b.image = np.ascontiguousarray(b.image[:, y0:y1, x0:x1])
+    return bases
 
 
 def matching_score(generator, images_pm1, layer: str, *, latent_dim: int, num_latents: int = 8,
-                   units_per_latent: int = 8, seed: int = 0, colour: str = "gray", progress: bool = False) -> dict:
+                   units_per_latent: int = 8, seed: int = 0, colour: str = "gray", progress: bool = False,
+                   crop: str = "support", field_cells: float = FIELD_CELLS) -> dict:
     """Table 4's mean matching score of ``layer``'s basis functions against ``images_pm1`` (N, 3, H, W).
 
-    Returns the ``match_basis_functions`` dict plus ``"units"`` (the scored units as dicts) and the settings.
+    ``crop``: ``"support"`` (Table 4) or ``"field"`` (a fixed ``field_cells`` x R/S window); see the module
+    docstring. Returns the ``match_basis_functions`` dict plus ``"units"`` (the scored units as dicts) and the
+    settings.
     """
     images = np.moveaxis(np.asarray(images_pm1.detach().cpu().numpy() if hasattr(images_pm1, "detach") else images_pm1,
                                     np.float64), 1, -1)
     bases = units_for_matching(generator, layer, latent_dim=latent_dim, num_latents=num_latents,
-                               units_per_latent=units_per_latent, seed=seed)
+                               units_per_latent=units_per_latent, seed=seed, crop=crop, field_cells=field_cells)
     result = match_basis_functions([b.image for b in bases], images, colour=colour, progress=progress)
     result["units"] = [
         {"sample": b.unit.sample, "channel": b.unit.channel, "y": b.unit.y, "x": b.unit.x,
          "activation": b.unit.activation, "box": list(b.box), "score": s, "best_match": loc}
         for b, s, loc in zip(bases, result["scores"], result["locations"])
     ]
-    result.update({"layer": layer, "colour": colour, "num_latents": num_latents,
+    result.update({"layer": layer, "colour": colour, "crop": crop, "num_latents": num_latents,
                    "units_per_latent": units_per_latent, "num_images": int(images.shape[0]), "seed": seed})
+    if crop == "field":
+        result["field_cells"] = field_cells
     return result

@@ -8,9 +8,14 @@ Metric names carry their ranges/layers; all are floats:
   the paper's Table 3), per pixel and channel, of Langevin reconstructions from the prior of up to
   ``cfg.evaluation.mse_images`` holdout images; ``holdout_mse_images``.
 * ``matching_score_<layer>`` (Table 4), ``matching_score_<layer>_image_mean``, ``matching_units_<layer>``,
-  ``matching_images``: see ``matching.py``.
+  ``matching_images``; ``matching_score_<layer>_field`` and ``matching_score_<layer>_field_image_mean``: the
+  same with the fixed projective-field window as crop rule: see ``matching.py``.
 * ``tree_nodes``, ``tree_roots``: see ``tree.py`` (the tree itself is an artifact).
 * ``parts_*_<layer>``: see ``parts.py`` (demo data only).
+* ``swd`` (x 1e3, mean over pyramid levels), ``swd_level<i>`` (level 0 = full resolution, the last = 16 px),
+  ``swd_images``: sliced Wasserstein distance on Laplacian-pyramid patches (``swd.py``) between samples from
+  the prior and as many holdout images (train images when there is no holdout split; ``settings`` says
+  which), at most ``cfg.evaluation.swd_images``.
 
 A metric that cannot be computed (no Inception weights, no holdout split, no ground truth, no data) is left
 out of the metrics and explained in ``evaluation.json`` (``unavailable``) and a warning; with
@@ -30,7 +35,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-METRICS = ("fid", "mse", "matching", "tree", "parts")
+METRICS = ("fid", "mse", "matching", "tree", "parts", "swd")
 CHECKPOINT_TAG = "sparsegen.checkpoint"
 ARTIFACT_DIR = "evaluation"
 
@@ -76,8 +81,14 @@ def _device_of(module: torch.nn.Module) -> torch.device:
     return next(module.parameters()).device
 
 
-def holdout_mse(generator, cfg, data_url: str, *, num_images: int, seed: int = 0, progress: bool = False) -> dict[str, float]:
-    """Per-pixel MSE of Langevin reconstructions (from the prior) of up to num_images holdout images."""
+def holdout_mse(generator, cfg, data_url: str, *, num_images: int, seed: int = 0, progress: bool = False,
+                steps: int | None = None, noise_free_steps: int | None = None,
+                step_size: float | None = None) -> dict[str, float]:
+    """Per-pixel MSE of Langevin reconstructions (from the prior) of up to num_images holdout images.
+
+    The chain is ``evaluation.inference_*``'s unless ``steps`` / ``noise_free_steps`` / ``step_size`` say
+    otherwise (see ``pipeline.learning.learner.inference_options``).
+    """
     from tqdm import tqdm
 
     from pipeline.data import make_loader
@@ -93,7 +104,8 @@ def holdout_mse(generator, cfg, data_url: str, *, num_images: int, seed: int = 0
             images = images[: total - seen].to(device)
             if images.shape[0] == 0:
                 break
-            _, recon = reconstruct(generator, images, cfg, seed=seed + batch_number)
+            _, recon = reconstruct(generator, images, cfg, steps=steps, noise_free_steps=noise_free_steps,
+                                   step_size=step_size, seed=seed + batch_number)
             squared_error += float((recon.float() - images).pow(2).sum())
             values += images.numel()
             seen += images.shape[0]
@@ -145,7 +157,7 @@ def evaluate(
     tree_roots: int = 6,
     tree_children: int = 3,
 ) -> tuple[dict[str, float], dict[str, str]]:
-    """Compute ``metrics`` (subset of fid, mse, matching, tree, parts) for ``generator`` on ``data_url``.
+    """Compute ``metrics`` (subset of fid, mse, matching, tree, parts, swd) for ``generator`` on ``data_url``.
 
     Returns (metric name -> float, artifact name -> local path); artifacts are written under ``out_dir``,
     always including ``summary`` (evaluation.json: metrics, unavailable metrics with reasons, settings,
@@ -188,7 +200,7 @@ def evaluate(
         for metric in metrics:
             if metric == "fid" and inception is None:
                 continue
-            if metric in ("fid", "mse", "matching", "parts") and not data_url:
+            if metric in ("fid", "mse", "matching", "parts", "swd") and not data_url:
                 give_up(metric, "no dataset given (--data / cfg.data.url)")
                 continue
             started = time.perf_counter()
@@ -212,6 +224,8 @@ def evaluate(
                     results["tree_nodes"] = float(document["num_nodes"])
                     results["tree_roots"] = float(len(document["nodes"]))
                     settings["tree_layers"] = document["layers"]
+                elif metric == "swd":
+                    results.update(_swd(cfg, generator, data_url, seed, settings))
                 elif metric == "parts":
                     from pipeline.evaluation.parts import part_interpretability
 
@@ -259,15 +273,47 @@ def _fid(cfg, generator, data_url, inception, weights_sha256, samples, seed, pro
             "fid_reference_images": float(count_r)}
 
 
+def _swd(cfg, generator, data_url, seed, settings) -> dict[str, float]:
+    """SWD between prior samples and real images: holdout (images the generator never fitted), else train."""
+    from pipeline.data import DataError, open_dataset
+    from pipeline.evaluation.swd import DIR_REPEATS, DIRS_PER_REPEAT, PATCH_SIZE_PX, PATCHES_PER_IMAGE, \
+        sliced_wasserstein_distance
+    from pipeline.learning.learner import generate
+
+    info = open_dataset(data_url)
+    split = "holdout" if info.num_holdout > 0 else "train"
+    available = info.num_holdout if split == "holdout" else info.num_train
+    if available == 0:
+        raise DataError(f"{data_url} has no images to compare generated samples with")
+    n = min(cfg.evaluation.swd_images, available)
+    _, real = read_images(data_url, split, n, cfg.model.resolution, batch_size=cfg.training.batch_size)
+    device = _device_of(generator)
+    fake = generate(generator, n, cfg, seed=seed, batch_size=cfg.training.batch_size).float()
+    result = sliced_wasserstein_distance(real.to(device), fake, seed=seed, device=device)
+    settings["swd"] = {
+        "reference_split": split if split == "holdout" else "train (the dataset has no holdout split)",
+        "images": n, "seed": seed, "level_resolutions_px": result["resolutions_px"],
+        "patch_size_px": PATCH_SIZE_PX, "patches_per_image": PATCHES_PER_IMAGE,
+        "directions": f"{DIR_REPEATS} x {DIRS_PER_REPEAT}", "scale": "x 1e3",
+    }
+    metrics = {"swd": result["swd"], "swd_images": float(n)}
+    metrics.update({f"swd_level{i}": value for i, value in enumerate(result["levels"])})
+    return metrics
+
+
 def _matching(cfg, generator, data_url, layer, out, seed, progress, artifacts, latents, per_latent, colour):
     from pipeline.evaluation.matching import matching_score
 
     _, images = read_images(data_url, "train", cfg.evaluation.matching_images, cfg.model.resolution)
     result = matching_score(generator, images, layer, latent_dim=cfg.model.latent_dim, num_latents=latents,
                             units_per_latent=per_latent, seed=seed, colour=colour, progress=progress)
+    # The second crop rule (matching.py: a fixed window of the unit's projective field, equal for every model).
+    field = matching_score(generator, images, layer, latent_dim=cfg.model.latent_dim, num_latents=latents,
+                           units_per_latent=per_latent, seed=seed, colour=colour, crop="field")
     path = out / f"matching_{layer}.json"
-    path.write_text(json.dumps({k: v for k, v in result.items() if k not in ("scores", "image_mean", "locations")},
-                               indent=1))
+    document = {k: v for k, v in result.items() if k not in ("scores", "image_mean", "locations")}
+    document["field"] = {k: v for k, v in field.items() if k not in ("scores", "image_mean", "locations")}
+    path.write_text(json.dumps(document, indent=1))
     artifacts["matching_json"] = str(path)
     # Re-draw the scored basis functions for the figure (cheap: one batched propagation).
     from pipeline.evaluation.matching import units_for_matching
@@ -282,6 +328,8 @@ def _matching(cfg, generator, data_url, layer, out, seed, progress, artifacts, l
         f"matching_score_{layer}": result["score"],
         f"matching_score_{layer}_image_mean": result["image_mean_score"],
         f"matching_units_{layer}": float(result["scored"]),
+        f"matching_score_{layer}_field": field["score"],
+        f"matching_score_{layer}_field_image_mean": field["image_mean_score"],
         "matching_images": float(result["num_images"]),
     }
 

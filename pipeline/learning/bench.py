@@ -217,7 +217,7 @@ def bench_step(cfg: Config, batch_size: int, device: str = "cpu", repeats: int =
     # (with the baseline's models alongside, so an upper bound).
     result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     bank_100k = LatentBank(100_000, cfg.model.latent_dim)
-    result["latent_bank_100k_memory_mb"] = bank_100k.z.numel() * 4 / 1e6
+    result["latent_bank_100k_memory_mb"] = bank_100k.memory_bytes / 1e6  # Z + index, visits, checksum
     result["latent_bank_100k_parquet_mb"] = len(bank_100k.to_parquet_bytes()) / 1e6
     del bank_100k
     if baseline_times:

@@ -6,6 +6,11 @@
 Only Z gets gradients: the generator's parameters are switched to ``requires_grad=False`` for the loop,
 so autograd neither builds nor computes their gradient nodes and no ``.grad`` is touched.
 
+Noise-free closing (``noise_free_steps``): the last N steps drop the delta * E kick and are plain gradient
+steps on log p(Z, Y) with step delta^2 / 2. Training keeps N = 0 (Algorithm 1 needs posterior *samples*
+for the persistent chains); inference of unseen images uses N > 0 so the returned Z is a posterior-mode
+estimate, not a sample carrying the last step's noise (which alone adds delta^2 * d to ||Z - Z*||^2).
+
 Divergence guard: a non-finite Z or energy in any step is recorded on the device (no host sync inside
 the loop) and checked once at the end. ``on_divergence="raise"`` raises ``LangevinDivergenceError``
 naming the first bad step and the settings; ``"backoff"`` restarts the chain from its initial Z with
@@ -82,19 +87,25 @@ def langevin_infer(
     generator_rng: torch.Generator | None = None,
     autocast_dtype: torch.dtype | None = None,
     compute_energy_end: bool = True,
+    noise_free_steps: int = 0,
 ) -> LangevinResult:
     """Run ``steps`` Langevin steps on a batch of latents ``z`` (B, d) for images ``y`` (B, 3, H, W).
+
+    The last ``noise_free_steps`` of them (0 <= N <= steps) omit the noise term: with N >= 1 the returned Z
+    does not include a noise kick, with N == steps the chain is deterministic given ``z`` (no RNG draws).
 
     ``compute_energy_end=False`` skips the extra forward pass that measures E(Z) after the last step
     (``energy_end`` is then None): the learner gets it from its generator step, which runs g on the
     final Z anyway.
     """
+    if not 0 <= noise_free_steps <= steps:
+        raise ValueError(f"noise_free_steps must be in [0, steps={steps}], got {noise_free_steps}")
     z_start = z.detach()
     delta = float(step_size)
     for attempt in range(max_backoffs + 1):
         result, bad_step = _chain(
             generator, z_start, y, steps, delta, noise_sigma, grad_clip_norm, generator_rng, autocast_dtype,
-            compute_energy_end,
+            compute_energy_end, steps - noise_free_steps,
         )
         if bad_step < 0:
             return result
@@ -111,7 +122,7 @@ def langevin_infer(
     raise AssertionError("unreachable")
 
 
-def _chain(generator, z_start, y, steps, delta, sigma, clip, rng, autocast_dtype, compute_energy_end):
+def _chain(generator, z_start, y, steps, delta, sigma, clip, rng, autocast_dtype, compute_energy_end, noisy_steps):
     device = z_start.device
     z = z_start.clone()
     bad_step = torch.full((), -1, dtype=torch.long, device=device)
@@ -140,8 +151,11 @@ def _chain(generator, z_start, y, steps, delta, sigma, clip, rng, autocast_dtype
                 grad_norm_sum += norms.mean()
                 if clip is not None:
                     drift = drift * torch.clamp(clip / (norms + 1e-12), max=1.0)
-                noise = torch.randn(z.shape, generator=rng, device=device, dtype=z.dtype)
-                z = z.detach() + (delta**2 / 2) * drift + delta * noise
+                z = z.detach() + (delta**2 / 2) * drift
+                # A Python-level branch on the step index: no host sync, and the noise-free tail draws no
+                # random numbers, so a chain's first noisy_steps kicks are the same for any tail length.
+                if step < noisy_steps:
+                    z = z + delta * torch.randn(z.shape, generator=rng, device=device, dtype=z.dtype)
                 finite = torch.isfinite(z).all() & torch.isfinite(energy).all()
                 bad_step = torch.where((bad_step < 0) & ~finite, torch.full_like(bad_step, step), bad_step)
         energy_end = None

@@ -71,6 +71,9 @@ class StepMetrics:
     langevin_energy_start: torch.Tensor
     langevin_energy_end: torch.Tensor
     langevin_step_size: float
+    # Norms of the two terms of Step 3's gradient at Theta: Eq. 15 and critic_weight * Eq. 20.
+    grad_norm_reconstruction: torch.Tensor
+    grad_norm_critic: torch.Tensor
     batch_size: int
 
     def as_floats(self) -> dict[str, float]:
@@ -183,13 +186,24 @@ class ABPLearner:
         # E(Z) after the chain (Eq. 14, batch mean) from this forward: no extra pass in the Langevin loop.
         energy_end = reconstruction_loss.detach() + inferred.z.pow(2).sum(1).mean() / 2
         generator_loss = reconstruction_loss
+        backward_loss = reconstruction_loss
+        parameters = [p for p in generator_module.parameters() if p.requires_grad]
+        critic_gradients: list[torch.Tensor | None] = []
         if synthesized is not None:
             critic_module = unwrap(self.critic)
             with frozen_parameters(critic_module), self._autocast():
                 critic_term = critic_module(synthesized.float()).float().mean()
-            generator_loss = generator_loss + cfg.training.critic_weight * critic_term
+            weighted_critic_term = cfg.training.critic_weight * critic_term
+            generator_loss = generator_loss + weighted_critic_term
+            # The Eq. 20 gradient on its own (for its norm), then fed into the one backward below through
+            # sum(theta * grad) (whose gradient is grad), so DDP still averages the sum in one reduction.
+            critic_gradients = list(torch.autograd.grad(weighted_critic_term, parameters, allow_unused=True))
+            backward_loss = backward_loss + sum(
+                (p * g).sum() for p, g in zip(parameters, critic_gradients) if g is not None
+            )
         self.generator_optimizer.zero_grad(set_to_none=True)
-        generator_loss.backward()
+        backward_loss.backward()
+        grad_norm_reconstruction, grad_norm_critic = self._gradient_norms(parameters, critic_gradients)
         self.generator_optimizer.step()
         self.step_count += 1
 
@@ -204,8 +218,28 @@ class ABPLearner:
             langevin_energy_start=inferred.energy_start,
             langevin_energy_end=energy_end,
             langevin_step_size=inferred.step_size,
+            grad_norm_reconstruction=grad_norm_reconstruction,
+            grad_norm_critic=grad_norm_critic,
             batch_size=batch,
         )
+
+    @staticmethod
+    def _gradient_norms(parameters, critic_gradients) -> tuple[torch.Tensor, torch.Tensor]:
+        """(||d Eq.15 / d Theta||, ||d critic_weight * Eq.20 / d Theta||) of this step, no host sync.
+
+        The total gradient sits in ``.grad`` after the backward; Eq. 15's part is the total minus the critic's.
+        Under DDP ``.grad`` is the rank average while the critic gradient is this rank's, so the Eq. 15 figure
+        is a per-rank estimate there (exact on one worker).
+        """
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters]
+        if not critic_gradients:
+            total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+            return total, torch.zeros((), device=total.device)
+        critic = [c if c is not None else torch.zeros_like(p) for p, c in zip(parameters, critic_gradients)]
+        critic_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(c) for c in critic]))
+        reconstruction_norm = torch.linalg.vector_norm(
+            torch.stack([torch.linalg.vector_norm(g - c) for g, c in zip(grads, critic)]))
+        return reconstruction_norm, critic_norm
 
     # -- state for checkpoints ------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -230,35 +264,88 @@ class ABPLearner:
         self.rng.set_state(state["rng"].cpu() if hasattr(state["rng"], "cpu") else state["rng"])
 
 
+def inference_options(
+    cfg: Config,
+    *,
+    steps: int | None = None,
+    noise_free_steps: int | None = None,
+    step_size: float | None = None,
+) -> dict:
+    """``langevin_infer`` keywords for unseen images: the ``evaluation.inference_*`` settings, then overrides.
+
+    Training's chain (``langevin.*``) resumes persistent latents each epoch, so a few steps suffice there;
+    an unseen image starts from the prior and needs ``evaluation.inference_steps``. The noise level sigma
+    and the divergence guard stay training's: they define the posterior, not the chain. When the chain
+    (configured or an explicit ``steps``) is shorter than the noise-free closing, the whole chain is
+    noise-free: the returned Z never carries a noise kick when the config asks for a noise-free end.
+    """
+    e = cfg.evaluation
+    options = chain_options(cfg.langevin)
+    options["steps"] = e.inference_steps if steps is None else int(steps)
+    if options["steps"] <= 0:
+        raise ValueError(f"steps must be a positive number of Langevin steps, got {options['steps']}")
+    if step_size is not None:
+        options["step_size"] = float(step_size)
+    elif e.inference_step_size is not None:
+        options["step_size"] = e.inference_step_size
+    quiet = e.inference_noise_free_steps if noise_free_steps is None else int(noise_free_steps)
+    if quiet < 0:
+        raise ValueError(f"noise_free_steps must be >= 0, got {quiet}")
+    options["noise_free_steps"] = min(quiet, options["steps"])
+    return options
+
+
 def infer_latents(
     generator: nn.Module,
     images: torch.Tensor,
     cfg: Config,
     *,
     steps: int | None = None,
+    noise_free_steps: int | None = None,
+    step_size: float | None = None,
     seed: int = 0,
 ) -> torch.Tensor:
-    """Reconstruction of unseen images: Langevin from the prior N(0, I) (no persistent Z)."""
+    """Latents of unseen images: Langevin from the prior N(0, I) (no persistent Z).
+
+    Chain settings come from ``inference_options`` (``evaluation.inference_steps``,
+    ``inference_noise_free_steps``, ``inference_step_size``); the keyword arguments override them.
+    ``seed`` fixes the initial Z and the noise, so a call is reproducible.
+    """
     device = next(unwrap(generator).parameters()).device
     rng = torch.Generator(device=device).manual_seed(seed)
     z0 = torch.randn(images.shape[0], cfg.model.latent_dim, generator=rng, device=device)
-    options = chain_options(cfg.langevin)
-    if steps:
-        options["steps"] = steps
+    options = inference_options(cfg, steps=steps, noise_free_steps=noise_free_steps, step_size=step_size)
     return langevin_infer(unwrap(generator), z0, images.to(device), **options, generator_rng=rng).z
 
 
 @torch.no_grad()
-def reconstruct(generator: nn.Module, images: torch.Tensor, cfg: Config, *, steps: int | None = None, seed: int = 0):
-    """(latents, reconstructed images) for unseen images."""
-    z = infer_latents(generator, images, cfg, steps=steps, seed=seed)
+def reconstruct(
+    generator: nn.Module,
+    images: torch.Tensor,
+    cfg: Config,
+    *,
+    steps: int | None = None,
+    noise_free_steps: int | None = None,
+    step_size: float | None = None,
+    seed: int = 0,
+):
+    """(latents, reconstructed images) for unseen images; settings as ``infer_latents``."""
+    z = infer_latents(generator, images, cfg, steps=steps, noise_free_steps=noise_free_steps, step_size=step_size,
+                      seed=seed)
     return z, unwrap(generator)(z)
 
 
 @torch.no_grad()
-def generate(generator: nn.Module, n: int, cfg: Config, *, seed: int = 0) -> torch.Tensor:
-    """n images from Z ~ N(0, I)."""
+def generate(generator: nn.Module, n: int, cfg: Config, *, seed: int = 0, batch_size: int | None = None) -> torch.Tensor:
+    """n images from Z ~ N(0, I), generated ``batch_size`` at a time (default: all at once).
+
+    Z is drawn for all n up front, so the images do not depend on ``batch_size``; batching only bounds the
+    activation memory of large sample sets (SWD, FID).
+    """
     device = next(unwrap(generator).parameters()).device
     rng = torch.Generator(device=device).manual_seed(seed)
     z = torch.randn(n, cfg.model.latent_dim, generator=rng, device=device)
-    return unwrap(generator)(z)
+    module = unwrap(generator)
+    if batch_size is None or batch_size >= n:
+        return module(z)
+    return torch.cat([module(chunk) for chunk in z.split(batch_size)])

@@ -311,7 +311,7 @@ def seed_checkpoint(pointer: dict, storage: str, train_run: str, end: int | None
     When the pointed checkpoint is gone (the donor rotated it away), the donor run's newest checkpoint
     before step ``end`` is copied instead."""
     from pipeline.data import storage as store
-    from pipeline.distributed.checkpoint import CONFIG_FILE, LATENTS_FILE, META_FILE, STATE_FILE
+    from pipeline.distributed.checkpoint import META_FILE, copy_checkpoint
 
     target = store.join(storage, SEEDS_DIR, train_run)
     if store.exists(store.join(target, META_FILE)):  # meta.json is copied last: the copy is complete
@@ -328,9 +328,7 @@ def seed_checkpoint(pointer: dict, storage: str, train_run: str, end: int | None
             print(f"[sparsegen] pbt: donor checkpoint {pointer['train_checkpoint']} was rotated away; "
                   f"using the donor run's newest checkpoint {source}", flush=True)
         try:
-            for name in (STATE_FILE, LATENTS_FILE, CONFIG_FILE, META_FILE):
-                store.write_bytes(store.join(target, name), store.read_bytes(store.join(source, name)))
-            return target
+            return copy_checkpoint(source, target)  # every file the checkpoint lists, meta.json last
         except FileNotFoundError as exc:  # deleted while copying: take the newest one again
             last_error = exc
     raise RuntimeError(f"pbt: could not copy the donor checkpoint {pointer['train_checkpoint']} "
