@@ -177,8 +177,9 @@ def _smooth_generator(cfg, n=8, seed=0):
 
 
 def test_more_inference_steps_reduce_reconstruction_error():
-    # delta = 0.1: the largest curvature of this energy is ~100, so delta^2 / 2 * 100 < 2 keeps it stable.
-    cfg = _small_cfg("langevin.step_size=0.1")
+    # sigma = 0.3, delta = 0.1: the largest curvature of this energy is then ~100, so delta^2 / 2 * 100 < 2
+    # keeps gradient steps stable.
+    cfg = _small_cfg("langevin.step_size=0.1", "langevin.noise_sigma=0.3")
     generator, images = _smooth_generator(cfg)
 
     def mse(steps, quiet):
@@ -252,8 +253,10 @@ def test_infer_latents_passes_each_inference_setting(monkeypatch):
 
 def test_inference_step_size_changes_the_result():
     generator, images = _smooth_generator(_small_cfg(), n=2)
-    small = reconstruct(generator, images, _small_cfg("evaluation.inference_step_size=0.05"), steps=5)[0]
-    large = reconstruct(generator, images, _small_cfg("evaluation.inference_step_size=0.1"), steps=5)[0]
+    small = reconstruct(generator, images, _small_cfg("langevin.noise_sigma=0.3", "evaluation.inference_step_size=0.05"),
+                        steps=5)[0]
+    large = reconstruct(generator, images, _small_cfg("langevin.noise_sigma=0.3", "evaluation.inference_step_size=0.1"),
+                        steps=5)[0]
     assert not torch.allclose(small, large)
 
 
@@ -261,3 +264,33 @@ def test_generate_in_batches_is_the_same_as_at_once():
     cfg = _small_cfg()
     generator = pipeline.build_generator(cfg).eval()
     torch.testing.assert_close(generate(generator, 7, cfg, seed=2, batch_size=3), generate(generator, 7, cfg, seed=2))
+
+
+def _step_gradient_reference(cfg, weight):
+    """One learner step with the given critic weight; returns (metrics, the parameter gradients it applied)."""
+    torch.manual_seed(0)
+    generator, critic = pipeline.build_generator(cfg), pipeline.build_critic(cfg)
+    learner = ABPLearner(cfg, generator, critic, LatentBank(4, cfg.model.latent_dim), torch.device("cpu"))
+    learner.generator_optimizer.step = lambda: None  # keep .grad, leave Theta as it is
+    metrics = learner.step(torch.arange(4), torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(3)))
+    return metrics.as_floats(), [p.grad.clone() for p in generator.parameters()]
+
+
+def test_step3_gradient_norms_of_eq15_and_eq20():
+    """grad_norm_reconstruction / grad_norm_critic are the norms of Step 3's two gradient terms at Theta, and
+    the gradient applied is their sum (the critic term reaches Theta through the same backward)."""
+    cfg_off = _small_cfg("langevin.steps=2", "training.critic_weight=0")
+    off, grads_off = _step_gradient_reference(cfg_off, 0.0)
+    total_off = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads_off]))
+    assert off["grad_norm_critic"] == 0.0
+    assert off["grad_norm_reconstruction"] == pytest.approx(float(total_off), rel=1e-5)
+
+    cfg_on = _small_cfg("langevin.steps=2", "training.critic_weight=1000")
+    on, grads_on = _step_gradient_reference(cfg_on, 1000.0)
+    assert on["grad_norm_critic"] > 0.0
+    # Same seed, same Theta, same Langevin noise: Eq. 15's gradient is the one the critic-free step applied.
+    assert on["grad_norm_reconstruction"] == pytest.approx(off["grad_norm_reconstruction"], rel=1e-4)
+    total_on = float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads_on])))
+    # The applied gradient is the sum of the two terms: triangle inequality, and it differs from Eq. 15 alone.
+    assert total_on <= on["grad_norm_reconstruction"] + on["grad_norm_critic"] + 1e-3
+    assert total_on >= abs(on["grad_norm_reconstruction"] - on["grad_norm_critic"]) - 1e-3

@@ -59,7 +59,10 @@ def register(subparsers) -> None:
     )
     demo.add_argument("--workdir", default=None, help="working directory (default: ./sparsegen-work)")
     demo.add_argument("--workers", type=int, default=2)
-    demo.add_argument("--max-steps", type=int, default=200)
+    from pipeline.distributed.trainer import DEMO_MAX_STEPS
+
+    demo.add_argument("--max-steps", type=int, default=DEMO_MAX_STEPS,
+                      help=f"training steps of the 2 workers (default {DEMO_MAX_STEPS})")
     demo.add_argument("--images", type=int, default=1024, help="demo images to generate")
     demo.add_argument("--json", action="store_true")
     demo.set_defaults(func=run_demo)

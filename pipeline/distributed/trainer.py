@@ -15,6 +15,9 @@ from pathlib import Path
 from pipeline.config import Config
 
 DEFAULT_WORKDIR = "sparsegen-work"
+# `sparsegen demo`'s budget: what 2 workers on 2 cores train in about 6 minutes, leaving time for Ray's
+# start and the end-of-training evaluation within `make demo`'s 8 minutes (README).
+DEMO_MAX_STEPS = 400
 
 
 class TrainingError(RuntimeError):
@@ -265,20 +268,54 @@ def _evaluate_at_end(cfg: Config, checkpoint_uri: str, tracking_uri: str, run_id
     return numeric
 
 
-def run_demo(*, workdir: str | None = None, workers: int = 2, max_steps: int = 200, images: int = 1024) -> dict:
+def run_demo(*, workdir: str | None = None, workers: int = 2, max_steps: int = DEMO_MAX_STEPS,
+             images: int = 1024) -> dict:
     """`sparsegen demo`: demo data -> shards -> Ray Train (tiny preset) -> MLflow; prints where to look."""
     from pipeline.config import load_config
 
     cfg = load_config("tiny", [f"run.workers={workers}", f"training.max_steps={max_steps}",
-                               f"data.demo_images={images}"])
+                               f"data.demo_images={images}", "evaluation.at_end=[mse,matching,tree,parts]"])
     workdir_path = resolve_workdir(workdir)
     result = train(cfg, workdir=str(workdir_path))
     tracking_uri = result["tracking_uri"]
+    pictures = write_pictures(result["checkpoint"], cfg.data.url, workdir_path / "evaluations" / result["name"])
     print()
     print(f"Demo finished: run '{result['name']}', MLflow run {result['run_id']}")
     print(f"  checkpoint:      {result['checkpoint']}")
-    print(f"  final metrics:   " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(result["metrics"].items())
-                                             if isinstance(v, float)))
+    shown = ("holdout_mse_pm1", "matching_score_conv8", "parts_nmi_conv8", "parts_purity_conv8",
+             "parts_purity_chance_conv8", "reconstruction_mse")
+    print(f"  final metrics:   " + ", ".join(f"{k}={result['metrics'][k]:.4g}" for k in shown
+                                             if isinstance(result["metrics"].get(k), float)))
+    print("  pictures (open them):")
+    for label, path in pictures.items():
+        print(f"    {label:<32}{path}")
+    result["pictures"] = {k: str(v) for k, v in pictures.items()}
     print(f"  open the MLflow UI:  mlflow ui --backend-store-uri {tracking_uri} --port 5000")
     print(f"  then browse http://127.0.0.1:5000 (experiment '{cfg.run.experiment}')")
     return result
+
+
+def write_pictures(checkpoint_uri: str, data_url: str, out_dir: Path) -> dict[str, Path]:
+    """Sample and holdout-reconstruction grids of a trained checkpoint, next to the end-of-training
+    evaluation's basis-function and AND-OR tree pictures (which ``_evaluate_at_end`` wrote into ``out_dir``)."""
+    import torch
+
+    from pipeline.distributed.checkpoint import load_generator
+    from pipeline.evaluation.orchestration import read_images
+    from pipeline.learning.learner import generate, reconstruct
+    from pipeline.tracking.images import image_grid
+
+    cfg, generator = load_generator(checkpoint_uri)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pictures = {"samples (prior Z)": out_dir / "samples.png",
+                "holdout reconstructions": out_dir / "reconstructions.png"}
+    image_grid(generate(generator, 32, cfg, seed=1234), columns=8).save(pictures["samples (prior Z)"])
+    _, images = read_images(data_url, "holdout", 16, cfg.model.resolution)
+    _, reconstructions = reconstruct(generator, images, cfg, seed=0)
+    # Row 1: holdout originals; row 2: their reconstructions (Langevin from the prior).
+    image_grid(torch.cat([images, reconstructions]), columns=16).save(pictures["holdout reconstructions"])
+    layer = cfg.evaluation.matching_layer
+    for label, name in ((f"{layer} basis functions (Table 4)", f"matching_{layer}.png"), ("AND-OR tree (Fig. 1)", "and_or_tree.png")):
+        if (out_dir / name).exists():
+            pictures[label] = out_dir / name
+    return pictures

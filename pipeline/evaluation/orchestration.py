@@ -282,6 +282,8 @@ def _swd(cfg, generator, data_url, seed, settings) -> dict[str, float]:
 
     info = open_dataset(data_url)
     split = "holdout" if info.num_holdout > 0 else "train"
+    if split == "train":
+        log.warning("swd: %s has no holdout split; comparing generated samples with training images", data_url)
     available = info.num_holdout if split == "holdout" else info.num_train
     if available == 0:
         raise DataError(f"{data_url} has no images to compare generated samples with")
