@@ -52,7 +52,7 @@ def test_yaml_file_with_preset_and_overrides(tmp_path):
     path.write_text("preset: tiny\nlangevin:\n  steps: 7\nmodel:\n  sparsity:\n    conv8: 0.5\n")
     cfg = pipeline.load_config(str(path), ["training.batch_size=4"])
     assert cfg.preset == "tiny" and cfg.langevin.steps == 7 and cfg.training.batch_size == 4
-    assert cfg.model.sparsity["conv8"] == 0.5 and cfg.model.sparsity["fc4"] == 8
+    assert cfg.model.sparsity["conv8"] == 0.5 and cfg.model.sparsity["fc4"] == 16
     assert cfg.resolved_k("conv8") == 32
 
 
