@@ -15,6 +15,7 @@ import copy
 import dataclasses
 import difflib
 import math
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
@@ -146,6 +147,10 @@ class RunConfig:
     eval_every_steps: int = 200
     checkpoint_every_steps: int = 200
     checkpoints_to_keep: int = 2
+    # Checkpoints also kept as MLflow run artifacts at the end of training ("final", "best"; [] = none).
+    mlflow_checkpoints: list[str] = field(default_factory=lambda: ["final", "best"])
+    # Register the logged generator model under this name in the MLflow model registry (None = don't).
+    register_model: str | None = None
     max_failures: int = 2
     # Fault injection for tests: crash this rank once when it reaches this step (-1 = off).
     crash_rank: int = -1
@@ -347,7 +352,7 @@ def _coerce(value: Any, hint: Any, key: str, problems: list[str]) -> Any:
     origin = get_origin(hint)
     if hint is Any:
         return value
-    if origin is Union:
+    if origin is Union or origin is types.UnionType:
         options = get_args(hint)
         if value is None and type(None) in options:
             return None
@@ -502,6 +507,9 @@ def validate(cfg: Config) -> None:
     r = cfg.run
     if r.workers < 1:
         p.append(f"run.workers: must be >= 1, got {r.workers}")
+    for label in cfg.run.mlflow_checkpoints:
+        if label not in ("final", "best"):
+            p.append(f"run.mlflow_checkpoints: {label!r} is not one of final, best")
     for name in ("log_every_steps", "eval_every_steps", "checkpoint_every_steps", "checkpoints_to_keep"):
         if getattr(r, name) <= 0:
             p.append(f"run.{name}: must be positive, got {getattr(r, name)}")

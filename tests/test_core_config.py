@@ -109,3 +109,15 @@ def test_inference_and_swd_keys_have_defaults_and_accept_valid_values():
     cfg = pipeline.load_config("tiny", ["evaluation.at_end=[mse, swd]", "evaluation.inference_steps=5",
                                         "evaluation.inference_noise_free_steps=20", "evaluation.inference_step_size=0.1"])
     assert cfg.evaluation.at_end == ["mse", "swd"] and cfg.evaluation.inference_step_size == 0.1
+
+
+def test_an_int_is_accepted_for_an_optional_float_and_becomes_a_float():
+    cfg = pipeline.load_config("tiny", ["evaluation.inference_step_size=1", "training.max_steps=5"])
+    assert cfg.evaluation.inference_step_size == 1.0 and isinstance(cfg.evaluation.inference_step_size, float)
+    assert cfg.training.max_steps == 5 and isinstance(cfg.training.max_steps, int)
+
+
+def test_mlflow_checkpoint_labels_are_validated():
+    with pytest.raises(pipeline.ConfigError, match="run.mlflow_checkpoints: 'latest' is not one of final, best"):
+        pipeline.load_config("tiny", ["run.mlflow_checkpoints=[latest]"])
+    assert pipeline.load_config("tiny", ["run.mlflow_checkpoints=[]"]).run.mlflow_checkpoints == []

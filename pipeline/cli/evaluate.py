@@ -14,7 +14,7 @@ def register(subparsers) -> None:
         "evaluate",
         help="evaluate a trained generator (FID, MSE, matching, AND-OR tree, parts, SWD) and log to its MLflow run",
         description=(
-            "Evaluate a checkpoint. With --run the checkpoint is the run's 'sparsegen.checkpoint' tag and results "
+            "Evaluate a checkpoint. With --run the checkpoint is the run's (its Ray-storage checkpoint, else the copy the run keeps in MLflow) and results "
             "are logged into that run; with --checkpoint they are logged into the run named in the checkpoint's "
             "meta.json when the tracking store has it, else only printed. Metrics: fid (needs the TF Inception "
             "weights: --inception-weights or $SPARSEGEN_INCEPTION_WEIGHTS), mse, matching, tree, parts (demo data), "

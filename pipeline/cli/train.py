@@ -47,6 +47,8 @@ def register(subparsers) -> None:
     train.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray)")
     train.add_argument("--resume-from", default=None, metavar="CHECKPOINT_URI|MLFLOW_RUN_ID",
                        help="start a new run from a checkpoint (a checkpoint directory URI or an MLflow run id)")
+    train.add_argument("--register-model", default=None, metavar="NAME",
+                       help="register the trained generator in the MLflow model registry under NAME (run.register_model)")
     train.add_argument("--workdir", default=None, help="where local runs, the MLflow store and demo data live (default: ./sparsegen-work)")
     train.add_argument("--dry-run", action="store_true", help="print the resolved config and layer table, then exit")
     train.add_argument("--json", action="store_true", help="print one JSON object on the last stdout line")
@@ -83,7 +85,8 @@ def apply_cli_options(cfg, args: argparse.Namespace):
     if getattr(args, "epochs", None) is not None:
         cfg.training.epochs = args.epochs
         cfg.training.max_steps = None
-    for flag, key in (("name", "name"), ("storage", "storage"), ("tracking_uri", "tracking_uri"), ("experiment", "experiment")):
+    for flag, key in (("name", "name"), ("storage", "storage"), ("tracking_uri", "tracking_uri"), ("experiment", "experiment"),
+                      ("register_model", "register_model")):
         if getattr(args, flag, None):
             setattr(cfg.run, key, getattr(args, flag))
     validate(cfg)
@@ -117,7 +120,8 @@ def run_train(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result))
     else:
-        print(f"run {result['name']} finished: MLflow run {result['run_id']}, checkpoint {result['checkpoint']}")
+        print(f"run {result['name']} finished: MLflow run {result['run_id']}, checkpoint {result['checkpoint']}, "
+              f"model {result['model_uri']}")
     return 0
 
 

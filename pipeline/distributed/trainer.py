@@ -105,11 +105,14 @@ def _existing_run(storage: str, name: str) -> bool:
 
 def _resolve_resume(resume_from: str, tracking_uri: str) -> str:
     """A checkpoint URI from a URI or an MLflow run id."""
-    from pipeline.tracking import mlflow_run
+    from pipeline.tracking.checkpoints import checkpoint_for_run
 
     if "/" in resume_from or resume_from.startswith(("s3:", "file:")):
         return resume_from
-    return mlflow_run.checkpoint_of_run(tracking_uri, resume_from)
+    try:
+        return checkpoint_for_run(tracking_uri, resume_from)
+    except LookupError as exc:
+        raise TrainingError(f"--resume-from {resume_from}: {exc}") from None
 
 
 def train(
@@ -132,7 +135,7 @@ def train(
 
     from pipeline.config import validate
     from pipeline.data import open_dataset
-    from pipeline.tracking import mlflow_run
+    from pipeline.tracking import lineage, mlflow_run
 
     workdir_path = resolve_workdir(workdir)
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -163,6 +166,9 @@ def train(
               f"checkpoint (MLflow run {run_id})", flush=True)
     else:
         print(f"[sparsegen] run '{cfg.run.name}': MLflow run {run_id} at {tracking_uri}", flush=True)
+    mlflow_run.set_tags(tracking_uri, run_id, lineage.code_version_tags())
+    if not resumed_mlflow:
+        lineage.log_dataset_input(tracking_uri, run_id, info, cfg.model.resolution)
 
     # Ray Train V2 dropped resume_from_checkpoint: the workers load this URI themselves when Ray has no
     # checkpoint of this run yet (a restart of this run still restores Ray's latest checkpoint first).
@@ -220,27 +226,62 @@ def train(
     if filesystem is not None or cfg.run.storage.startswith("s3://"):
         checkpoint_uri = "s3://" + checkpoint_uri.removeprefix("s3://")
     mlflow_run.set_tags(tracking_uri, run_id, {mlflow_run.CHECKPOINT_TAG: checkpoint_uri})
-    _log_checkpoint_uris(result, checkpoint_uri, tracking_uri, run_id, s3=checkpoint_uri.startswith("s3://"))
+    kept = _log_checkpoint_uris(result, checkpoint_uri, tracking_uri, run_id, s3=checkpoint_uri.startswith("s3://"))
+    mlflow_checkpoints = _log_checkpoints_to_mlflow(cfg, checkpoint_uri, kept, tracking_uri, run_id)
+    model_uri = _log_model(cfg, checkpoint_uri, tracking_uri, run_id)
     metrics = dict(result.metrics or {})
     metrics.update(_evaluate_at_end(cfg, checkpoint_uri, tracking_uri, run_id, workdir_path))
     mlflow_run.finish_run(tracking_uri, run_id, "FINISHED")
     return {"run_id": run_id, "name": cfg.run.name, "checkpoint": checkpoint_uri, "metrics": metrics,
-            "tracking_uri": tracking_uri, "resumed": resuming}
+            "tracking_uri": tracking_uri, "resumed": resuming, "model_uri": model_uri,
+            "registered_model": cfg.run.register_model, "mlflow_checkpoints": mlflow_checkpoints}
 
 
-def _log_checkpoint_uris(result, latest_uri: str, tracking_uri: str, run_id: str, s3: bool) -> None:
-    """The kept checkpoints' URIs as a run artifact (checkpoints themselves stay in run storage)."""
+def _log_checkpoint_uris(result, latest_uri: str, tracking_uri: str, run_id: str, s3: bool) -> list[tuple[str, dict]]:
+    """The kept Ray-storage checkpoints' URIs as a run artifact; returns [(uri, reported metrics)]."""
     import json
     import tempfile
 
     from pipeline.tracking import mlflow_run
 
-    kept = [checkpoint.path for checkpoint, _metrics in (result.best_checkpoints or [])]
-    uris = [("s3://" + p.removeprefix("s3://")) if s3 else p for p in kept]
+    kept = [(("s3://" + c.path.removeprefix("s3://")) if s3 else c.path, dict(m or {}))
+            for c, m in (result.best_checkpoints or [])]
     with tempfile.TemporaryDirectory() as directory:
         path = Path(directory) / "checkpoints.json"
-        path.write_text(json.dumps({"latest": latest_uri, "kept": uris}, indent=1))
+        path.write_text(json.dumps({"latest": latest_uri, "kept": [uri for uri, _ in kept]}, indent=1))
         mlflow_run.log_artifact(tracking_uri, run_id, str(path))
+    return kept
+
+
+def _log_checkpoints_to_mlflow(cfg: Config, latest_uri: str, kept: list[tuple[str, dict]], tracking_uri: str,
+                               run_id: str) -> dict[str, str]:
+    """run.mlflow_checkpoints into the run's artifacts: "final" = the latest checkpoint, "best" = the kept one
+    with the lowest reported holdout_mse_pm1 (the latest when none reported it). Returns label -> source URI."""
+    from pipeline.tracking.checkpoints import log_checkpoint
+
+    sources: dict[str, str] = {}
+    if "final" in cfg.run.mlflow_checkpoints:
+        sources["final"] = latest_uri
+    if "best" in cfg.run.mlflow_checkpoints:
+        scored = [(m["holdout_mse_pm1"], uri) for uri, m in kept if isinstance(m.get("holdout_mse_pm1"), (int, float))]
+        sources["best"] = min(scored)[1] if scored else latest_uri
+    for label, uri in sources.items():
+        log_checkpoint(tracking_uri, run_id, uri, label)
+        print(f"[sparsegen] {label} checkpoint logged to MLflow run {run_id} (artifacts checkpoints/{label})", flush=True)
+    return sources
+
+
+def _log_model(cfg: Config, checkpoint_uri: str, tracking_uri: str, run_id: str) -> str:
+    """The trained generator as an MLflow model (``mlflow.pytorch``), registered when run.register_model."""
+    from pipeline.distributed.checkpoint import load_generator
+    from pipeline.tracking.models import log_generator
+
+    model_cfg, generator = load_generator(checkpoint_uri)
+    model_uri = log_generator(tracking_uri, run_id, generator, model_cfg,
+                              registered_model_name=cfg.run.register_model)
+    registered = f", registered as '{cfg.run.register_model}'" if cfg.run.register_model else ""
+    print(f"[sparsegen] generator logged as MLflow model {model_uri}{registered}", flush=True)
+    return model_uri
 
 
 def _evaluate_at_end(cfg: Config, checkpoint_uri: str, tracking_uri: str, run_id: str, workdir: Path) -> dict:

@@ -35,6 +35,17 @@ import torch
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
+    """Ray Train's per-worker function: the loop below, with MLflow's system metrics monitored on rank 0."""
+    import ray.train
+
+    from pipeline.tracking.lineage import system_metrics
+
+    rank = ray.train.get_context().get_world_rank()
+    with system_metrics(loop_config["tracking_uri"], loop_config["mlflow_run_id"], enabled=rank == 0):
+        _train_loop(loop_config)
+
+
+def _train_loop(loop_config: dict) -> None:
     import ray.train
     import torch.distributed as dist
 
@@ -269,22 +280,42 @@ def _holdout_mse(cfg, generator, images: torch.Tensor) -> float:
     return float((recon - images).pow(2).mean())
 
 
+# Part-level basis functions shown per evaluation step: units of a few fixed prior Z's (the Table 4 rule).
+GRID_BASIS_LATENTS, GRID_BASIS_UNITS_PER_LATENT = 4, 8
+
+
 @torch.no_grad()
 def _log_grids(cfg, generator, grid_z, grid_images, tracking_uri, run_id, step) -> None:
+    """Samples, reconstructions and part-level basis functions at this step: step-keyed MLflow images (the
+    UI's step slider) and the same grids as PNG files under samples/ and reconstructions/."""
     from pipeline.learning.learner import reconstruct
     from pipeline.tracking import mlflow_run
-    from pipeline.tracking.images import image_grid
+    from pipeline.tracking.images import basis_grid, image_grid
 
+    client = mlflow_run.client(tracking_uri)
     with tempfile.TemporaryDirectory() as directory:
-        samples = generator(grid_z)
+        samples = image_grid(generator(grid_z), columns=8)
+        client.log_image(run_id, samples, key="samples", step=step)
         path = os.path.join(directory, f"samples_step{step:07d}.png")
-        image_grid(samples, columns=8).save(path)
+        samples.save(path)
         mlflow_run.log_artifact(tracking_uri, run_id, path, "samples")
         if grid_images is not None:
             device = grid_z.device
             with torch.enable_grad():
                 _, recon = reconstruct(generator, grid_images.to(device), cfg, seed=step)
             # Rows: originals, then their reconstructions (Langevin from the prior).
+            grid = image_grid(torch.cat([grid_images.to(device), recon]), columns=16)
+            client.log_image(run_id, grid, key="reconstructions", step=step)
             path = os.path.join(directory, f"reconstructions_step{step:07d}.png")
-            image_grid(torch.cat([grid_images.to(device), recon]), columns=16).save(path)
+            grid.save(path)
             mlflow_run.log_artifact(tracking_uri, run_id, path, "reconstructions")
+        layer = cfg.evaluation.matching_layer
+        if layer in generator.layer_names:
+            from pipeline.evaluation.matching import units_for_matching
+
+            bases = units_for_matching(generator, layer, latent_dim=cfg.model.latent_dim,
+                                       num_latents=GRID_BASIS_LATENTS, units_per_latent=GRID_BASIS_UNITS_PER_LATENT,
+                                       crop="field")
+            if bases:
+                client.log_image(run_id, basis_grid([b.image for b in bases], columns=GRID_BASIS_UNITS_PER_LATENT),
+                                 key=f"basis_functions_{layer}", step=step)

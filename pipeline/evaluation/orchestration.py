@@ -345,12 +345,12 @@ def _client(tracking_uri: str | None):
 
 
 def checkpoint_of_run(run_id: str, tracking_uri: str | None = None) -> str:
-    """The checkpoint URI a training run recorded in its ``sparsegen.checkpoint`` tag."""
-    run = _client(tracking_uri).get_run(run_id)
-    uri = run.data.tags.get(CHECKPOINT_TAG)
-    if not uri:
-        raise LookupError(f"MLflow run {run_id} has no {CHECKPOINT_TAG!r} tag (was it made by `sparsegen train`?)")
-    return uri
+    """A checkpoint directory of a training run: its Ray-storage checkpoint (tag ``sparsegen.checkpoint``)
+    while it exists, else the final checkpoint the run keeps as MLflow artifacts
+    (``pipeline.tracking.checkpoints.checkpoint_for_run``)."""
+    from pipeline.tracking.checkpoints import checkpoint_for_run
+
+    return checkpoint_for_run(tracking_uri, run_id)
 
 
 def run_exists(run_id: str, tracking_uri: str | None = None) -> bool:

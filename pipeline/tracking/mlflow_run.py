@@ -117,12 +117,3 @@ def set_tags(tracking_uri: str, run_id: str, tags: dict[str, str]) -> None:
 
 def finish_run(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None:
     client(tracking_uri).set_terminated(run_id, status=status)
-
-
-def checkpoint_of_run(tracking_uri: str, run_id: str) -> str:
-    """The latest checkpoint URI a training run recorded (tag ``sparsegen.checkpoint``)."""
-    run = client(tracking_uri).get_run(run_id)
-    uri = run.data.tags.get(CHECKPOINT_TAG)
-    if not uri:
-        raise LookupError(f"MLflow run {run_id} has no checkpoint (tag {CHECKPOINT_TAG} is not set)")
-    return uri
