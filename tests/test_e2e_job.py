@@ -41,7 +41,8 @@ def test_submit_train_job_on_local_stack(stack_env):
     submitted = run_cli(
         "submit", "train", "--address", stack_env["RAY_ADDRESS"], "--json", "--",
         "--preset", "tiny", *overrides, "--data", data_url, "--workers", "1", "--max-steps", "4",
-        "--storage", f"s3://{bucket}/runs", "--name", "e2e-run", "--experiment", "e2e", "--json",
+        "--storage", f"s3://{bucket}/runs", "--name", "e2e-run", "--experiment", "e2e",
+        "--register-model", "e2e-generator", "--json",
         env=env, timeout=600,
     )
     logs = submitted.stdout + submitted.stderr
@@ -86,3 +87,28 @@ def test_submit_train_job_on_local_stack(stack_env):
             body = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
             for secret in SECRETS:
                 assert secret.encode() not in body, key
+
+
+    # Issue 14 through the server: step-keyed images, the dataset input, a registered model that generates.
+    names = [f["path"].rsplit("/", 1)[-1].replace("%", "+")
+             for f in _get(f"{server}/api/2.0/mlflow/artifacts/list?run_id={run_id}&path=images")["files"]]
+    assert any(n.startswith("samples+step+4+") for n in names), names
+    (dataset_input,) = run["inputs"]["dataset_inputs"]
+    assert json.loads(dataset_input["dataset"]["source"])["uri"] == data_url
+    versions = _get(f"{server}/api/2.0/mlflow/registered-models/get?name=e2e-generator")["registered_model"]
+    assert versions["latest_versions"][0]["version"] == "1"
+    import mlflow.pytorch
+    import torch
+
+    mlflow.set_tracking_uri(server)
+    model = mlflow.pytorch.load_model("models:/e2e-generator/1")
+    with torch.no_grad():
+        assert model(torch.randn(3, model.latent_dim)).shape == (3, 3, 32, 32)
+
+    # With the Ray storage gone, the run's checkpoint comes from MLflow's (proxied, S3-backed) artifacts.
+    for key in keys:
+        s3.delete_object(Bucket=bucket, Key=key)
+    evaluated = run_cli("evaluate", "--run", run_id, "--tracking-uri", server, "--metrics", "mse", "--no-progress",
+                        "--json", env=env, timeout=300)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert last_json(evaluated)["holdout_mse_pm1"] > 0
