@@ -48,6 +48,7 @@ def test_submit_train_job_on_local_stack(stack_env):
     logs = submitted.stdout + submitted.stderr
     assert submitted.returncode == 0, logs[-4000:]
     assert last_json(submitted)["status"] == "SUCCEEDED"
+    assert "[sparsegen] step 4/4 (100%) |" in logs and "images/s | reconstruction MSE" in logs  # progress in job logs
     for secret in SECRETS:
         assert secret not in logs
 

@@ -126,3 +126,13 @@ def test_cli_train_json_on_a_folder_of_images(ray_session, workdir, tmp_path, ca
     report = json.loads(captured.strip().splitlines()[-1])
     assert set(report) >= {"run_id", "name", "checkpoint", "metrics"} and report["name"] == "cli-run"
     assert (Path(workdir) / "data" / "photos-32px" / "manifest.parquet").exists()
+
+
+def test_progress_line_names_step_throughput_mse_and_eta():
+    from pipeline.distributed.training_loop import progress_line
+
+    line = progress_line(100, 400, {"images_per_s": 51.23, "reconstruction_mse": 0.04321}, elapsed_s=50.0,
+                         steps_done=100)
+    assert line == "[sparsegen] step 100/400 (25%) | 51.2 images/s | reconstruction MSE 0.0432 | ETA 2m30s"
+    assert progress_line(10, 10, {}, elapsed_s=5.0, steps_done=10).endswith("ETA 0m00s")
+    assert "ETA 2h00m" in progress_line(1, 7201, {}, elapsed_s=1.0, steps_done=1)
