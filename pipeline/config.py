@@ -112,12 +112,9 @@ class TrainingConfig:
     # and the Eq. 20 term swamps reconstruction (seen on the demo data). The penalty is the usual energy
     # regulariser of EBM training (Du & Mordatch, 2019); 0 = Eq. 21 exactly.
     critic_energy_l2: float = 1.0
-    # sigma of the critic's Gaussian reference distribution q(Y) (Eq. 17; CoopNets' 0.016).
-    critic_reference_sigma: float = 0.016
     lr_decay_per_epoch: float = 1.0
     # "auto": bf16 autocast on CUDA, fp32 on CPU.
     precision: str = "auto"
-    device: str = "auto"
     # Keep conv weights and activations in channels-last layout: oneDNN (CPU) and cuDNN (bf16 tensor
     # cores) run 3x3 convs without layout reorders (measured 1.2-1.7x per Langevin step on CPU).
     channels_last: bool = True
@@ -127,7 +124,8 @@ class TrainingConfig:
 class DataConfig:
     # Local path or s3:// URL of shards made by `sparsegen ingest` / `make-demo-data`; None = built-in demo data.
     url: str | None = None
-    dataset: str = "demo"
+    # Name of the dataset in MLflow (the run's dataset input); None = "<folder of data.url>-<R>px".
+    dataset: str | None = None
     limit: int | None = None
     holdout_fraction: float = 0.05
     on_error: str = "skip"
@@ -264,7 +262,7 @@ def _tiny() -> Config:
     # 1e-4 of the gradient and changed nothing (README "A critic that matters").
     cfg.training = TrainingConfig(batch_size=32, epochs=30.0, generator_lr=2e-3, generator_betas=[0.5, 0.999],
                                   critic_weight=1000.0)
-    cfg.data = DataConfig(dataset="demo", demo_images=1024, holdout_fraction=0.1)
+    cfg.data = DataConfig(demo_images=1024, holdout_fraction=0.1)
     cfg.run = RunConfig(log_every_steps=5, eval_every_steps=100, checkpoint_every_steps=100)
     cfg.evaluation = EvaluationConfig(matching_images=100, mse_images=200)
     return cfg
@@ -319,9 +317,16 @@ def load_config(name_or_path: str = "paper64", overrides: list[str] | dict[str, 
     return cfg
 
 
+# Keys older checkpoints carry that no longer exist (they did nothing): dropped when a saved config is read.
+REMOVED_KEYS = {"training": ("device", "critic_reference_sigma")}
+
+
 def config_from_dict(values: dict[str, Any]) -> Config:
-    """Rebuild a Config from ``to_dict`` output (checkpoints, MLflow). Unknown keys are errors."""
+    """Rebuild a Config from ``to_dict`` output (checkpoints, MLflow). Unknown keys are errors, except
+    ``REMOVED_KEYS``."""
     problems: list[str] = []
+    values = {section: ({k: v for k, v in body.items() if k not in REMOVED_KEYS.get(section, ())}
+                        if isinstance(body, dict) else body) for section, body in values.items()}
     cfg = _build(Config, values, "", problems)
     if problems:
         raise ConfigError(problems)
@@ -478,7 +483,7 @@ def validate(cfg: Config) -> None:
         p.append(f"training.epochs: must be positive, got {t.epochs}")
     if t.max_steps is not None and t.max_steps <= 0:
         p.append(f"training.max_steps: must be positive or null, got {t.max_steps}")
-    for name in ("generator_lr", "critic_lr", "critic_reference_sigma"):
+    for name in ("generator_lr", "critic_lr"):
         if getattr(t, name) <= 0:
             p.append(f"training.{name}: must be positive, got {getattr(t, name)}")
     for name in ("generator_betas", "critic_betas"):
@@ -493,8 +498,6 @@ def validate(cfg: Config) -> None:
         p.append(f"training.lr_decay_per_epoch: must be in (0, 1], got {t.lr_decay_per_epoch}")
     if t.precision not in ("auto", "fp32", "bf16"):
         p.append(_unknown("training.precision", t.precision, ["auto", "fp32", "bf16"]))
-    if t.device not in ("auto", "cpu", "cuda"):
-        p.append(_unknown("training.device", t.device, ["auto", "cpu", "cuda"]))
     d = cfg.data
     if not 0.0 <= d.holdout_fraction < 1.0:
         p.append(f"data.holdout_fraction: must be in [0, 1), got {d.holdout_fraction}")

@@ -121,3 +121,12 @@ def test_mlflow_checkpoint_labels_are_validated():
     with pytest.raises(pipeline.ConfigError, match="run.mlflow_checkpoints: 'latest' is not one of final, best"):
         pipeline.load_config("tiny", ["run.mlflow_checkpoints=[latest]"])
     assert pipeline.load_config("tiny", ["run.mlflow_checkpoints=[]"]).run.mlflow_checkpoints == []
+
+
+def test_a_saved_config_with_removed_keys_still_loads():
+    saved = pipeline.load_config("tiny").to_dict()
+    saved["training"].update({"device": "auto", "critic_reference_sigma": 0.016})
+    assert config_from_dict(saved).training.batch_size == 32
+    saved["training"]["no_such_key"] = 1
+    with pytest.raises(ConfigError, match="no_such_key"):
+        config_from_dict(saved)

@@ -111,14 +111,11 @@ def test_sparsity_schedule_dense_then_anneal():
     assert scheduled_k(target, extents, "fixed", 0.0, 0, 0) == target
 
 
-def test_critic_energy_includes_gaussian_reference():
+def test_critic_maps_images_to_one_energy_each():
     cfg = pipeline.load_config("tiny")
     critic = pipeline.build_critic(cfg)
     y = torch.rand(3, 3, 32, 32) * 2 - 1
-    f = critic(y)
-    assert f.shape == (3,)
-    expected = f + y.flatten(1).pow(2).sum(1) / (2 * cfg.training.critic_reference_sigma**2)
-    torch.testing.assert_close(critic.energy(y), expected)
+    assert critic(y).shape == (3,)
 
 
 def test_propagate_with_fixed_masks_reproduces_forward():

@@ -23,7 +23,8 @@ pytestmark = pytest.mark.ray
 def story_run(ray_session, demo_shards, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("story-workdir")
     cfg = pipeline.load_config("tiny", [*FAST_TRAINING_OVERRIDES, "training.max_steps=8", "run.name=story",
-                                        "run.register_model=sparsegen-story"])
+                                        "run.register_model=sparsegen-story",
+                                        "data.dataset=story-data"])
     cfg.data.url = demo_shards
     return train(cfg, workdir=str(workdir)), workdir
 
@@ -65,6 +66,7 @@ def test_dataset_input_and_code_version_are_on_the_run(story_run, demo_shards):
     info = open_dataset(demo_shards)
     assert dataset_input.dataset.digest == info.manifest_sha256[:20]
     assert json.loads(dataset_input.dataset.source)["uri"] == demo_shards
+    assert dataset_input.dataset.name == "story-data"  # data.dataset
     profile = json.loads(dataset_input.dataset.profile)
     assert (profile["num_train"], profile["num_holdout"], profile["model_resolution_px"]) == (
         info.num_train, info.num_holdout, 32)

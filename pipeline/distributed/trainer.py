@@ -168,7 +168,7 @@ def train(
         print(f"[sparsegen] run '{cfg.run.name}': MLflow run {run_id} at {tracking_uri}", flush=True)
     mlflow_run.set_tags(tracking_uri, run_id, lineage.code_version_tags())
     if not resumed_mlflow:
-        lineage.log_dataset_input(tracking_uri, run_id, info, cfg.model.resolution)
+        lineage.log_dataset_input(tracking_uri, run_id, info, cfg.model.resolution, name=cfg.data.dataset)
 
     # Ray Train V2 dropped resume_from_checkpoint: the workers load this URI themselves when Ray has no
     # checkpoint of this run yet (a restart of this run still restores Ray's latest checkpoint first).

@@ -36,12 +36,6 @@ def unwrap(module: nn.Module) -> nn.Module:
     return getattr(module, "module", module)
 
 
-def resolve_device(cfg: Config) -> torch.device:
-    if cfg.training.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(cfg.training.device)
-
-
 def autocast_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
     """bf16 autocast on CUDA (precision auto or bf16); fp32 elsewhere."""
     if cfg.training.precision == "fp32":

@@ -16,7 +16,8 @@ with fixed masks, which is how basis functions (one unit alone, Fig. 1) are draw
 
 Critic f(Y; Phi) (Sec. 3.4): conv 64 -> [avgpool, conv 64 x2] -> [avgpool, conv 128 x2] ->
 [avgpool, conv 256 x2] -> [avgpool, conv 512 x2] -> FC 1, LeakyReLU(0.2). Its model is
-P(Y) ~ exp(-f(Y)) q(Y) with q = N(0, s^2 I) (Eq. 16-17); ``energy`` adds the reference term.
+P(Y) ~ exp(-f(Y)) q(Y) with q = N(0, s^2 I) (Eq. 16-17). Training needs f alone: q has no parameters,
+so it drops out of Eq. 21's gradient in Phi, and Eq. 20 differentiates f(g(Z)) only, as the paper does.
 """
 
 from __future__ import annotations
@@ -183,7 +184,6 @@ class EnergyCritic(nn.Module):
         m = cfg.model
         equalized = m.weight_scaling == "equalized"
         self.slope = m.leaky_relu_slope
-        self.reference_sigma = cfg.training.critic_reference_sigma
         self.stem = ScaledConv2d(3, m.critic_first_width, equalized)
         self.blocks = conv_blocks(m.critic_first_width, m.critic_widths, m.critic_convs_per_block, equalized)
         self.head = ScaledLinear(m.critic_widths[-1] * 16, 1, equalized, gain=1.0)
@@ -196,10 +196,6 @@ class EnergyCritic(nn.Module):
             for conv in convs:
                 x = F.leaky_relu(conv(x), self.slope)
         return self.head(x.flatten(1)).squeeze(1)
-
-    def energy(self, y: torch.Tensor) -> torch.Tensor:
-        """The full energy of P(Y; Phi) = exp(-f(Y)) q(Y) / Z: f(Y) + ||Y||^2 / (2 s^2) (Eq. 16-17)."""
-        return self(y) + y.flatten(1).pow(2).sum(1) / (2 * self.reference_sigma**2)
 
 
 def build_generator(cfg: Config) -> SparseGenerator:

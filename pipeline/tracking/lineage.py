@@ -2,7 +2,7 @@
 system metrics (CPU, memory, GPU) from rank 0.
 
 * **Dataset input** (``log_dataset_input``): an ``mlflow.data`` ``MetaDataset`` whose source is the shards
-  URL (a local path or ``s3://``), named ``<folder>-<R>px``, digest = the manifest's SHA-256 (so two runs on
+  URL (a local path or ``s3://``), named ``data.dataset`` or else ``<folder>-<R>px``, digest = the manifest's SHA-256 (so two runs on
   the same bytes show the same dataset), profile = image counts per split, stored image size and the model
   resolution; logged with context ``training``. Reading the manifest already happened (``open_dataset``):
   nothing is re-read or hashed per image, so this costs the same for 10M images as for 100.
@@ -23,15 +23,16 @@ from pathlib import Path
 DATASET_CONTEXT = "training"
 
 
-def log_dataset_input(tracking_uri: str, run_id: str, info, resolution: int) -> None:
-    """Record the run's training data (a ``pipeline.data.DatasetInfo``) as an MLflow dataset input."""
+def log_dataset_input(tracking_uri: str, run_id: str, info, resolution: int, name: str | None = None) -> None:
+    """Record the run's training data (a ``pipeline.data.DatasetInfo``) as an MLflow dataset input named
+    ``name`` (``data.dataset``), by default after the shards' folder and image size."""
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
     from mlflow.entities import Dataset, DatasetInput, InputTag
     from mlflow.tracking import MlflowClient
 
     url = str(info.url)
-    name = f"{Path(url.rstrip('/')).name or url}-{info.image_size}px"
+    name = name or f"{Path(url.rstrip('/')).name or url}-{info.image_size}px"
     with warnings.catch_warnings():  # a local path matches MLflow's local source twice; either reading is right
         warnings.simplefilter("ignore", UserWarning)
         source = resolve_dataset_source(url)

@@ -58,7 +58,7 @@ DEFAULT_PERTURBATION_INTERVAL = 2
 SHAPE_KEYS = (
     "model.resolution", "model.latent_dim", "model.fc_channels", "model.first_layer", "model.cell_channels",
     "model.widths", "model.convs_per_block", "model.critic_widths", "model.critic_first_width",
-    "model.critic_convs_per_block", "data.dataset", "data.demo_images", "data.limit", "data.holdout_fraction",
+    "model.critic_convs_per_block", "data.demo_images", "data.limit", "data.holdout_fraction",
 )
 CHECKPOINT_PATH_KEY = "checkpoint_path"  # the metric TuneReportCallback reports too
 
