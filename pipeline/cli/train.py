@@ -110,10 +110,15 @@ def run_train(args: argparse.Namespace) -> int:
             _print_layers(report["layers"])
         print(json.dumps(report))
         return 0
+    from pipeline.data.errors import DataError
     from pipeline.distributed.trainer import TrainingError, train
+    from pipeline.preflight import PreflightError
 
     try:
         result = train(cfg, address=args.address, resume_from=args.resume_from, workdir=args.workdir)
+    except (PreflightError, DataError, ConfigError) as exc:  # the user's input: one line naming the fix
+        print(f"sparsegen train: error: {exc}", file=sys.stderr)
+        return 2
     except TrainingError as exc:
         print(f"sparsegen: {exc}", file=sys.stderr)
         return 1

@@ -137,8 +137,12 @@ def train(
     from pipeline.data import open_dataset
     from pipeline.tracking import lineage, mlflow_run
 
+    from pipeline.preflight import check_run_endpoints
+
     workdir_path = resolve_workdir(workdir)
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    check_run_endpoints(tracking_uri=cfg.run.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"),
+                        address=address or os.environ.get("RAY_ADDRESS"))
     if cfg.data.url is None:
         cfg.data.url = ensure_demo_data(cfg, workdir_path)
     else:
