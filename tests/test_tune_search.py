@@ -66,11 +66,13 @@ def test_search_interrupted_after_first_trial_resumes_and_completes(ray_session,
     space_file = tmp_path / "space.yaml"
     space_file.write_text(yaml.safe_dump(SPACE))
     workdir = tmp_path / "work"
+    storage = tmp_path / "shared-storage"  # --storage: trial checkpoints and Tune state, apart from the workdir
     uri = f"sqlite:///{workdir / 'mlflow.db'}"
     name = "asha-search"
     args = ["tune", "--preset", "tiny", "--data", demo_shards, "--space", str(space_file), "--trials", "4",
             "--max-concurrent", "2", "--search", "optuna", "--seed", "0", "--name", name,
-            "--workdir", str(workdir), "--tracking-uri", uri, "--set", "run.experiment=tune-test"]
+            "--workdir", str(workdir), "--storage", str(storage), "--tracking-uri", uri,
+            "--set", "run.experiment=tune-test"]
     for item in FAST:
         args += ["--set", item]
 
@@ -84,7 +86,7 @@ def test_search_interrupted_after_first_trial_resumes_and_completes(ray_session,
                                 stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
         deadline = time.monotonic() + 300
-        while not _terminated_trials(workdir / "tune" / name):
+        while not _terminated_trials(storage / "tune" / name):
             if proc.poll() is not None or time.monotonic() > deadline:
                 pytest.fail(f"no trial finished before the interruption (rc={proc.poll()}):\n{log.read_text()[-4000:]}")
             time.sleep(0.5)
@@ -92,7 +94,7 @@ def test_search_interrupted_after_first_trial_resumes_and_completes(ray_session,
         os.killpg(proc.pid, signal.SIGKILL)  # this test's own process group only
         proc.wait()
     interrupted_after = time.monotonic() - started
-    finished_before = _terminated_trials(workdir / "tune" / name)
+    finished_before = _terminated_trials(storage / "tune" / name)
     assert 1 <= len(finished_before) < 4
 
     # -- 2. the same --name again: Tune restores the experiment and runs the remaining trials -------------------
@@ -103,6 +105,11 @@ def test_search_interrupted_after_first_trial_resumes_and_completes(ray_session,
     assert summary["trials"] == 4 and summary["trials_failed"] == 0 and summary["trials_unfinished"] == 0
     assert summary["trials_finished"] + summary["trials_stopped"] == 4 and summary["trials_finished"] >= 1
     assert set(finished_before) <= set(summary["trial_runs"])
+    # Every trial's Ray Train checkpoints and the Tune state live under --storage, nothing under the workdir.
+    assert summary["experiment_path"] == str(storage / "tune" / name)
+    trial_dirs = [d for d in (storage / "runs").iterdir() if any(d.glob("checkpoint_*/meta.json"))]
+    assert len(trial_dirs) == 4, sorted(d.name for d in (storage / "runs").iterdir())
+    assert not (workdir / "tune").exists() and not (workdir / "runs").exists()
     print(f"\n[timing] interrupted after {interrupted_after:.0f} s; resumed search took {summary['duration_s']} s")
 
     # -- 3. MLflow: 1 parent + 4 nested children with the searched params and metrics ---------------------------

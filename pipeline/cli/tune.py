@@ -45,6 +45,9 @@ def register(subparsers) -> None:
     tune.add_argument("--name", default=None, help="search name; running the same name again resumes it")
     tune.add_argument("--seed", type=int, default=None, help="seed of the search algorithm")
     tune.add_argument("--workdir", default=None, help="runs, Tune state, MLflow store and demo data (default: ./sparsegen-work)")
+    tune.add_argument("--storage", default=None, metavar="PATH|s3://BUCKET/PREFIX",
+                      help="trial checkpoints (<storage>/runs) and Tune state (<storage>/tune): a path every node "
+                           "of the cluster shares, or s3:// (default: the --workdir, on one machine only)")
     tune.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or a local sqlite store)")
     tune.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray)")
     tune.add_argument("--check", action="store_true", help="validate the space and the config, print the plan, exit")
@@ -61,7 +64,7 @@ def settings_from_args(args: argparse.Namespace):
     name = args.name or f"search-{time.strftime('%Y%m%d-%H%M%S')}"
     return SearchSettings(
         name=name, space=args.space, preset=args.preset, overrides=list(args.overrides), data_url=args.data,
-        workdir=args.workdir, tracking_uri=args.tracking_uri, address=args.address, trials=args.trials,
+        workdir=args.workdir, storage=args.storage, tracking_uri=args.tracking_uri, address=args.address, trials=args.trials,
         max_concurrent=args.max_concurrent, scheduler=args.scheduler, search=args.search,
         metric=split(args.metric), mode=split(args.mode), seed=args.seed,
     )

@@ -49,6 +49,8 @@ class SearchSettings:
     overrides: list[str] = field(default_factory=list)
     data_url: str | None = None
     workdir: str | None = None
+    # Trial checkpoints (<storage>/runs) and Tune state (<storage>/tune): a path every node sees, or s3://.
+    storage: str | None = None
     tracking_uri: str | None = None
     address: str | None = None
     trials: int | None = None
@@ -126,11 +128,18 @@ def run_search(settings: SearchSettings) -> dict:
 
     started = time.monotonic()
     space, base, resolved = prepare(settings)  # a malformed space fails here, before anything is created
+    from pipeline.data import storage as store
+    from pipeline.distributed.trainer import _storage_path
+
     workdir = resolve_workdir(settings.workdir)
-    tune_root = workdir / "tune"
-    experiment_path = tune_root / settings.name
+    root = settings.storage.rstrip("/") if settings.storage else str(workdir)
+    if not store.is_s3(root):
+        root = str(Path(root).resolve())
+    tune_root, runs_storage = store.join(root, "tune"), store.join(root, "runs")
+    tune_storage_path, tune_filesystem = _storage_path(tune_root)
+    experiment_path = store.join(tune_root, settings.name)
     stored = _load_stored_settings(experiment_path)
-    resuming = tune.Tuner.can_restore(str(experiment_path))
+    resuming = tune.Tuner.can_restore(store.join(tune_storage_path, settings.name), storage_filesystem=tune_filesystem)
     if resuming and stored is not None:
         settings = _merge_stored(settings, stored)
         space, base, resolved = prepare(settings)
@@ -160,11 +169,12 @@ def run_search(settings: SearchSettings) -> dict:
           f"{' (resumed)' if parent_resumed else ''}", flush=True)
 
     _init_ray(settings.address, resolved)
+    require_storage_on_every_node(root, explicit=settings.storage is not None)
     max_concurrent = resolved["max_concurrent"] or _default_concurrency(resolved["per_trial_cpus"])
     setup = {
         "preset": settings.preset, "overrides": resolved["overrides"], "data_url": data_url,
         "workdir": str(workdir), "tracking_uri": tracking_uri, "experiment": experiment,
-        "storage": str(workdir / "runs"), "search_name": settings.name, "parent_run_id": parent_id,
+        "storage": runs_storage, "search_name": settings.name, "parent_run_id": parent_id,
         "scheduler": resolved["scheduler"]["kind"],
     }
     from pipeline.tuning.trial import run_trial
@@ -178,11 +188,10 @@ def run_search(settings: SearchSettings) -> dict:
     if resuming:
         print(f"[sparsegen] resuming the interrupted search at {experiment_path}: finished trials are kept, "
               f"unfinished and errored ones run again from their latest checkpoints", flush=True)
-        tuner = tune.Tuner.restore(str(experiment_path), trainable=trainable, resume_unfinished=True,
-                                   resume_errored=True)
+        tuner = tune.Tuner.restore(store.join(tune_storage_path, settings.name), trainable=trainable,
+                                   resume_unfinished=True, resume_errored=True, storage_filesystem=tune_filesystem)
     else:
-        experiment_path.mkdir(parents=True, exist_ok=True)
-        (experiment_path / SETTINGS_FILE).write_text(json.dumps(asdict(settings), indent=1))
+        store.write_bytes(store.join(experiment_path, SETTINGS_FILE), json.dumps(asdict(settings), indent=1).encode())
         tuner = tune.Tuner(
             trainable,
             param_space=space.param_space(resolved["search"]),
@@ -195,7 +204,8 @@ def run_search(settings: SearchSettings) -> dict:
             ),
             run_config=tune.RunConfig(
                 name=settings.name,
-                storage_path=str(tune_root),
+                storage_path=tune_storage_path,
+                storage_filesystem=tune_filesystem,
                 callbacks=[status_callback],
                 failure_config=tune.FailureConfig(max_failures=0),
                 verbose=1,
@@ -470,19 +480,62 @@ def _overrides_dict(overrides: list[str] | dict | None) -> dict[str, Any]:
     return parsed
 
 
-def _load_stored_settings(experiment_path: Path) -> dict | None:
-    path = experiment_path / SETTINGS_FILE
+def _load_stored_settings(experiment_path: str) -> dict | None:
+    from pipeline.data import storage as store
+
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
+        return json.loads(store.read_bytes(store.join(experiment_path, SETTINGS_FILE)))
+    except (OSError, ValueError, LookupError):
         return None
+    except Exception:  # noqa: BLE001 - botocore's NoSuchKey and friends: no stored search
+        return None
+
+
+def require_storage_on_every_node(root: str, *, explicit: bool) -> None:
+    """Refuse a local search storage that some node of the Ray cluster cannot see, before any trial starts.
+
+    A trial's Ray Train workers and its Tune driver may run on any node, and each writes checkpoints under
+    the storage: a path that only the driver's node has fails at the first checkpoint. The driver writes a
+    marker file under ``root``; one task pinned to each other alive node (``NodeAffinitySchedulingStrategy``)
+    looks for it. s3:// needs no check.
+    """
+    import uuid
+
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from pipeline.data import storage as store
+
+    if store.is_s3(root):
+        return
+    here = ray.get_runtime_context().get_node_id()
+    others = [n["NodeID"] for n in ray.nodes() if n.get("Alive") and n["NodeID"] != here]
+    if not others:
+        return
+    marker = Path(root) / f".storage-check-{uuid.uuid4().hex}"
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text("sparsegen")
+
+    @ray.remote(num_cpus=0)
+    def sees(path: str) -> bool:
+        return Path(path).exists()
+
+    try:
+        seen = ray.get([sees.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False))
+                        .remote(str(marker)) for node in others], timeout=60)
+    finally:
+        marker.unlink(missing_ok=True)
+    if not all(seen):
+        what = f"--storage {root}" if explicit else f"the local workdir {root} (no --storage given)"
+        raise SearchError(f"{sum(not s for s in seen)} of {len(others) + 1} nodes of the Ray cluster cannot see "
+                          f"{what}: give --storage a path every node shares, or s3://bucket/prefix")
 
 
 def _merge_stored(current: SearchSettings, stored: dict) -> SearchSettings:
     """Resuming: the stored search's definition wins; say which command-line choices were ignored."""
     keep = SearchSettings(**{k: v for k, v in stored.items() if k in SearchSettings.__dataclass_fields__})
     # Where things live may legitimately be given differently (same store, another spelling).
-    for key in ("workdir", "tracking_uri", "address"):
+    for key in ("workdir", "storage", "tracking_uri", "address"):
         setattr(keep, key, getattr(current, key) or getattr(keep, key))
     ignored = [k for k in ("space", "preset", "overrides", "data_url", "trials", "max_concurrent", "scheduler",
                            "search", "metric", "mode", "seed")
