@@ -1,6 +1,7 @@
 """The AND-OR tree (Fig. 1) of a tiny model, its JSON/PNG, MLflow logging and `sparsegen evaluate`."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -112,3 +113,35 @@ def test_cli_evaluate_by_run_id_and_missing_fid_weights(tmp_path, capsys, monkey
                "--out", str(tmp_path / "eval")])
     assert rc == 0 and "tree_nodes" in client.get_run(run_id).data.metrics
     assert main(["evaluate", "--run", run_id, "--metrics", "bogus", "--tracking-uri", uri]) == 2
+
+
+def test_tree_pages_fit_2000_px_with_48_px_tiles_and_the_or_view_matches_a_forward(tmp_path, tiny_generator):
+    from PIL import Image
+
+    from pipeline.evaluation import tree as tree_module
+    from pipeline.evaluation.basis import forward_with_masks
+
+    _, generator = tiny_generator
+    assert tree_module.TILE_PX >= 48
+    z = torch.randn(1, generator.latent_dim, generator=torch.Generator().manual_seed(0))
+    paths, document = write_tree(generator, z, tmp_path, roots=8, children=3)
+    pages = [paths["tree_png"], *(paths[k] for k in sorted(paths) if k.startswith("tree_png_p"))]
+    leaves = sum(tree_module._subtree_leaves(r) for r in document["nodes"])
+    assert len(pages) >= 2 or leaves * (tree_module.TILE_PX + tree_module.GAP_PX) < 2000  # paged when too wide
+    for page in pages:
+        width, height = Image.open(page).size
+        assert width <= 2000 and height >= tree_module.TILE_PX * len(document["layers"])
+    or_doc = json.loads(Path(paths["tree_or_json"]).read_text())
+    assert Path(paths["tree_or_png"]).exists() and Image.open(paths["tree_or_png"]).size[0] <= 2000
+    zs = torch.randn(or_doc["num_latents"], generator.latent_dim,
+                     generator=torch.Generator().manual_seed(or_doc["seed"]))
+    _, activations, _ = forward_with_masks(generator, zs)
+    act = activations[or_doc["layer"]]
+    root_positions = {tuple(r["position"]) for r in document["nodes"]}
+    assert {tuple(p["position"]) for p in or_doc["positions"]} == root_positions
+    for entry in or_doc["positions"]:
+        y, x = entry["position"]
+        for alt in entry["alternatives"]:
+            fired = act[:, alt["channel"], y, x] > 0
+            assert 0 < alt["frequency"] <= 1 and alt["frequency"] == pytest.approx(float(fired.float().mean()))
+            assert fired[alt["strongest_sample"]]

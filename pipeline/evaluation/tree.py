@@ -15,7 +15,9 @@ Nodes are units (one channel at one grid position) of consecutive sparsified lay
   projective field in image pixels and its basis function (``basis.py``).
 
 Outputs: a JSON document (``tree_to_json``), an ``.npz`` with every node's basis function (keyed by the
-node's ``basis_key``) and the generated image, and a PNG figure in the style of Fig. 1 (``render_tree``).
+node's ``basis_key``) and the generated image, PNG page(s) in the style of Fig. 1 (``render_tree``: g(Z)
+with the part layer's grid and the roots' cells, 56 px basis-function tiles, at most 2,000 px a page), and
+the OR view (``or_alternatives``): which units fire at the roots' positions over many prior Z's.
 """
 
 from __future__ import annotations
@@ -143,77 +145,199 @@ def _walk(nodes: list[dict]):
         yield from _walk(n["children"])
 
 
-def render_tree(document: dict, arrays: dict[str, np.ndarray], path: str | Path, *, title: str | None = None) -> Path:
-    """A PNG in the style of Fig. 1: the generated image with the roots' positions, and the tree of basis
-    functions, one row per layer, lines from each unit to its children."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+# Picture layout, in pixels of the final PNG: every basis function is a TILE_PX tile, a page is at most
+# PAGE_WIDTH_PX wide (roots that do not fit go on further pages).
+TILE_PX = 56
+GAP_PX = 10
+LABEL_PX = 14
+PAGE_WIDTH_PX = 2000
+IMAGE_PX = 224
 
-    roots = document["nodes"]
-    layers = document["layers"]
-    # Leaf-order layout: every leaf gets a column, a parent sits above the middle of its children.
-    x_of: dict[int, float] = {}
-    next_column = [0.0]
 
-    def place(n: dict) -> float:
-        if not n["children"]:
-            x_of[n["id"]] = next_column[0]
-            next_column[0] += 1.0
-        else:
-            xs = [place(c) for c in n["children"]]
-            x_of[n["id"]] = float(np.mean(xs))
-        return x_of[n["id"]]
+def _font():
+    from PIL import ImageFont
 
+    return ImageFont.load_default()
+
+
+def _tile(pattern: np.ndarray | None, size: int = TILE_PX):
+    """A basis function (3, h, w), min-max normalised, enlarged (nearest) to ``size`` on its longer side."""
+    from PIL import Image
+
+    shown = (to_display(pattern if pattern is not None else np.zeros((3, 0, 0))) * 255).round().astype(np.uint8)
+    h, w = shown.shape[:2]
+    scale = size / max(h, w, 1)
+    return Image.fromarray(shown).resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.NEAREST)
+
+
+def _image_with_grid(image_chw: np.ndarray, side: int, marks: list[tuple[int, int, str]], size: int = IMAGE_PX):
+    """g(Z) enlarged to ``size`` px with the ``side`` x ``side`` grid of the part layer and labelled cells."""
+    from PIL import Image, ImageDraw
+
+    pixels = ((np.clip(np.moveaxis(image_chw, 0, -1), -1, 1) + 1) * 127.5).round().astype(np.uint8)
+    picture = Image.fromarray(pixels).resize((size, size), Image.NEAREST).convert("RGB")
+    draw = ImageDraw.Draw(picture)
+    cell = size / side
+    for i in range(1, side):
+        draw.line([(round(i * cell), 0), (round(i * cell), size)], fill=(255, 255, 255), width=1)
+        draw.line([(0, round(i * cell)), (size, round(i * cell))], fill=(255, 255, 255), width=1)
+    for y, x, label in marks:
+        box = [round(x * cell), round(y * cell), round((x + 1) * cell) - 1, round((y + 1) * cell) - 1]
+        draw.rectangle(box, outline=(255, 0, 0), width=2)
+        draw.text((box[0] + 3, box[1] + 2), label, fill=(255, 0, 0), font=_font())
+    return picture
+
+
+def _subtree_leaves(n: dict) -> int:
+    return 1 if not n["children"] else sum(_subtree_leaves(c) for c in n["children"])
+
+
+def _paginate(roots: list[dict], width_px: int) -> list[list[dict]]:
+    """Roots per page so that each page's leaves fit ``width_px``; a root wider than a page gets its own."""
+    pages: list[list[dict]] = [[]]
+    used = 0
     for r in roots:
-        place(r)
-        next_column[0] += 0.5  # a gap between root subtrees
-    width_units = max(next_column[0], 1.0)
-    fig = Figure(figsize=(min(3.0 + 0.55 * width_units, 40.0), 1.2 + 1.3 * len(layers)), dpi=110)
-    FigureCanvasAgg(fig)
-    grid = fig.add_gridspec(1, 2, width_ratios=[2.2, max(width_units * 0.55, 1.0)], wspace=0.05)
-    ax_img = fig.add_subplot(grid[0, 0])
-    image = np.clip((np.moveaxis(arrays["image"], 0, -1) + 1.0) / 2.0, 0.0, 1.0)
-    ax_img.imshow(image, interpolation="nearest")
-    for r in roots:
-        cy, cx = r["receptive_field_centre_px"]
-        ax_img.plot(cx - 0.5, cy - 0.5, "o", ms=5, mfc="none", mec="red")
-        ax_img.annotate(f"c{r['channel']}", (cx - 0.5, cy - 0.5), color="red", fontsize=6, xytext=(3, 3),
-                        textcoords="offset points")
-    ax_img.set_title("g(Z)", fontsize=8)
-    ax_img.set_axis_off()
+        need = _subtree_leaves(r) * (TILE_PX + GAP_PX) + GAP_PX
+        if pages[-1] and used + need > width_px:
+            pages.append([])
+            used = 0
+        pages[-1].append(r)
+        used += need
+    return pages
 
-    ax = fig.add_subplot(grid[0, 1])
-    half = 0.42
-    for n in _walk(roots):
-        x, y = x_of[n["id"]], -float(n["depth"])
-        for c in n["children"]:
-            ax.plot([x, x_of[c["id"]]], [y - half, -float(c["depth"]) + half], color="0.6", lw=0.6, zorder=1)
-        pattern = arrays.get(n.get("basis_key", ""), np.zeros((3, 0, 0)))
-        shown = to_display(pattern)
-        h, w = shown.shape[:2]
-        scale = half / max(h, w, 1)
-        ax.imshow(shown, extent=(x - w * scale, x + w * scale, y - h * scale, y + h * scale), interpolation="nearest",
-                  zorder=2)
-        label = f"c{n['channel']} ({n['position'][0]},{n['position'][1]})"
-        ax.text(x, y - half - 0.04, label, ha="center", va="top", fontsize=4.5, zorder=3)
-    for depth, layer in enumerate(layers):
-        ax.text(-0.9, -depth, layer, ha="right", va="center", fontsize=8, fontweight="bold")
-    ax.set_xlim(-1.6, width_units)
-    ax.set_ylim(-len(layers) + 0.35, 0.6)
-    ax.set_aspect("equal")
-    ax.set_axis_off()
-    fig.suptitle(title or f"AND-OR tree ({' -> '.join(layers)}): AND = all children compose the parent, "
-                 "OR = which unit fires at a position", fontsize=8)
+
+def render_tree(document: dict, arrays: dict[str, np.ndarray], path: str | Path, *, title: str | None = None,
+                page_width_px: int = PAGE_WIDTH_PX) -> list[Path]:
+    """PNG page(s) in the style of Fig. 1; returns their paths (``path``, then ``<stem>_p2.png``, ...).
+
+    Left: g(Z) enlarged with the first layer's grid and each root's cell boxed and numbered. Right: one row per
+    layer, each node its basis function as a TILE_PX tile with "#root c<channel> (y,x)" under it, lines from
+    each unit to its children (AND: the children compose the parent). Pages are at most ``page_width_px`` wide.
+    """
+    from PIL import Image, ImageDraw
+
+    roots, layers = document["nodes"], document["layers"]
+    side = document["layer_sides"][0]
+    number = {r["id"]: i + 1 for i, r in enumerate(roots)}
+    left_px = IMAGE_PX + 3 * GAP_PX + 60  # the image and the layer names
+    pages = _paginate(roots, page_width_px - left_px) if roots else [[]]
+    row_px = TILE_PX + LABEL_PX + 3 * GAP_PX
+    height_px = max(IMAGE_PX + 40, 30 + row_px * len(layers))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, bbox_inches="tight")
+    written = []
+    for page_index, page in enumerate(pages):
+        x_of: dict[int, float] = {}
+        cursor = [float(left_px + GAP_PX)]
+
+        def place(n: dict) -> float:
+            if not n["children"]:
+                x_of[n["id"]] = cursor[0] + TILE_PX / 2
+                cursor[0] += TILE_PX + GAP_PX
+            else:
+                x_of[n["id"]] = float(np.mean([place(c) for c in n["children"]]))
+            return x_of[n["id"]]
+
+        for r in page:
+            place(r)
+            cursor[0] += GAP_PX
+        width_px = int(min(max(cursor[0], left_px + 200), page_width_px))
+        canvas = Image.new("RGB", (width_px, height_px), (255, 255, 255))
+        draw = ImageDraw.Draw(canvas)
+        heading = title or (f"AND-OR tree ({' -> '.join(layers)}), page {page_index + 1}/{len(pages)}: "
+                            "each node = one active unit's basis function; lines = its children (AND)")
+        draw.text((GAP_PX, 6), heading, fill=(0, 0, 0), font=_font())
+        marks = [(r["position"][0], r["position"][1], str(number[r["id"]])) for r in page]
+        canvas.paste(_image_with_grid(arrays["image"], side, marks), (GAP_PX, 30))
+        draw.text((GAP_PX, 34 + IMAGE_PX), f"g(Z), {side}x{side} grid of {layers[0]}", fill=(0, 0, 0), font=_font())
+        top_of = lambda depth: 30 + depth * row_px  # noqa: E731
+        for depth, layer in enumerate(layers):
+            draw.text((IMAGE_PX + 2 * GAP_PX, top_of(depth) + TILE_PX // 2), layer, fill=(0, 0, 0), font=_font())
+        for r in page:
+            stack = [(r, number[r["id"]])]
+            while stack:
+                n, root_number = stack.pop()
+                x, top = x_of[n["id"]], top_of(n["depth"])
+                for c in n["children"]:
+                    draw.line([(x, top + TILE_PX + LABEL_PX), (x_of[c["id"]], top_of(c["depth"]))],
+                              fill=(150, 150, 150), width=1)
+                    stack.append((c, root_number))
+                tile = _tile(arrays.get(n.get("basis_key", "")))
+                canvas.paste(tile, (round(x - tile.width / 2), top + (TILE_PX - tile.height) // 2))
+                label = f"{'#' + str(root_number) + ' ' if n['depth'] == 0 else ''}c{n['channel']} ({n['position'][0]},{n['position'][1]})"
+                draw.text((round(x - TILE_PX / 2), top + TILE_PX + 2), label, fill=(0, 0, 0), font=_font())
+        page_path = path if page_index == 0 else path.with_name(f"{path.stem}_p{page_index + 1}{path.suffix}")
+        canvas.save(page_path)
+        written.append(page_path)
+    return written
+
+
+@torch.no_grad()
+def or_alternatives(generator, layer: str, positions: list[tuple[int, int]], *, num_latents: int = 64, top: int = 6,
+                    seed: int = 0) -> tuple[dict, dict[str, np.ndarray]]:
+    """The OR nodes at grid positions of ``layer``: over ``num_latents`` prior Z's, which channels fire there
+    (activation > 0 after ReLU and top-k), how often, and each one's basis function from the Z where it fires
+    most strongly. Returns (JSON-able document, arrays keyed by each alternative's ``basis_key``)."""
+    device = next(generator.parameters()).device
+    z = torch.randn(num_latents, generator.latent_dim, generator=torch.Generator().manual_seed(seed)).to(device)
+    _, activations, masks = forward_with_masks(generator, z)
+    act = activations[layer]
+    entries, wanted = [], []
+    for y, x in positions:
+        at = act[:, :, y, x]  # (num_latents, channels)
+        fires = at > 0
+        counts = fires.sum(0)
+        order = [int(c) for c in counts.argsort(descending=True)[:top] if counts[c] > 0]
+        alternatives = []
+        for c in order:
+            sample = int(at[:, c].argmax())
+            unit = Unit(sample=sample, layer=layer, channel=c, y=y, x=x, activation=float(at[sample, c]))
+            wanted.append(unit)
+            alternatives.append({"channel": c, "frequency": float(counts[c]) / num_latents,
+                                 "strongest_sample": sample, "activation": unit.activation, "basis_key": unit.key()})
+        entries.append({"position": [y, x], "active_channels_mean": float(fires.sum(1).float().mean()),
+                        "alternatives": alternatives})
+    arrays = {b.unit.key(): b.image for b in basis_functions(generator, masks, wanted)}
+    document = {"kind": "sparsegen.or_alternatives", "layer": layer, "num_latents": num_latents, "seed": seed,
+                "definition": "per grid position: channels active there over prior Z's (OR alternatives), their "
+                              "frequency, and the basis function of the strongest firing instance",
+                "positions": entries}
+    return document, arrays
+
+
+def render_or_alternatives(document: dict, arrays: dict[str, np.ndarray], path: str | Path) -> Path:
+    """One row per position: "(y,x)" and its alternatives as TILE_PX tiles with "c<channel> <frequency>"."""
+    from PIL import Image, ImageDraw
+
+    rows = document["positions"]
+    top = max([len(r["alternatives"]) for r in rows] + [1])
+    label_px = 90
+    width_px = min(PAGE_WIDTH_PX, label_px + top * (TILE_PX + GAP_PX) + GAP_PX)
+    row_px = TILE_PX + LABEL_PX + GAP_PX
+    canvas = Image.new("RGB", (width_px, 30 + row_px * max(len(rows), 1)), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    draw.text((GAP_PX, 6), f"OR alternatives of {document['layer']} over {document['num_latents']} prior Z's: "
+              "which units fire at each position, how often", fill=(0, 0, 0), font=_font())
+    for i, row in enumerate(rows):
+        y0 = 30 + i * row_px
+        draw.text((GAP_PX, y0 + TILE_PX // 2), f"({row['position'][0]},{row['position'][1]})", fill=(0, 0, 0),
+                  font=_font())
+        for j, alt in enumerate(row["alternatives"]):
+            x0 = label_px + j * (TILE_PX + GAP_PX)
+            tile = _tile(arrays.get(alt["basis_key"]))
+            canvas.paste(tile, (x0 + (TILE_PX - tile.width) // 2, y0 + (TILE_PX - tile.height) // 2))
+            draw.text((x0, y0 + TILE_PX + 1), f"c{alt['channel']} {alt['frequency']:.2f}", fill=(0, 0, 0), font=_font())
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
     return path
 
 
 def write_tree(generator, z: torch.Tensor, out_dir: str | Path, *, layers: list[str] | None = None, roots: int = 6,
-               children: int = 3, prefix: str = "and_or_tree") -> tuple[dict[str, Path], dict]:
-    """Build the tree of ``z``, write ``<prefix>.json``, ``<prefix>.npz`` and ``<prefix>.png`` into out_dir;
-    returns (artifact name -> path, the tree document)."""
+               children: int = 3, prefix: str = "and_or_tree", or_latents: int = 64) -> tuple[dict[str, Path], dict]:
+    """Build the tree of ``z``; write ``<prefix>.json``, ``<prefix>.npz``, ``<prefix>.png`` (+ ``_p2.png``...
+    pages) and the OR view of the roots' positions ``<prefix>_or.png`` / ``_or.json`` into out_dir; returns
+    (artifact name -> path, the tree document)."""
     document, arrays = build_tree(generator, z, layers, roots=roots, children=children)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -221,5 +345,14 @@ def write_tree(generator, z: torch.Tensor, out_dir: str | Path, *, layers: list[
     json_path.write_text(tree_to_json(document))
     npz_path = out / f"{prefix}.npz"
     np.savez_compressed(npz_path, **arrays)
-    png_path = render_tree(document, arrays, out / f"{prefix}.png")
-    return {"tree_json": json_path, "tree_npz": npz_path, "tree_png": png_path}, document
+    pages = render_tree(document, arrays, out / f"{prefix}.png")
+    written = {"tree_json": json_path, "tree_npz": npz_path, "tree_png": pages[0]}
+    written.update({f"tree_png_p{i + 2}": page for i, page in enumerate(pages[1:])})
+    positions = list(dict.fromkeys((n["position"][0], n["position"][1]) for n in document["nodes"]))
+    if positions:
+        or_document, or_arrays = or_alternatives(generator, document["layers"][0], positions, num_latents=or_latents)
+        or_json = out / f"{prefix}_or.json"
+        or_json.write_text(json.dumps(or_document, indent=1))
+        written["tree_or_json"] = or_json
+        written["tree_or_png"] = render_or_alternatives(or_document, or_arrays, out / f"{prefix}_or.png")
+    return written, document
