@@ -102,3 +102,22 @@ def test_bad_input_is_one_line_exit_2(argv, expected, tmp_path, capsys, monkeypa
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert expected in err and len(err.splitlines()) == 1 and "Traceback" not in err, err
+
+
+def test_compare_links_each_run_to_its_mlflow_page_and_puts_sample_grids_side_by_side(trained, tmp_path, capsys):
+    from pipeline.tracking import mlflow_run
+
+    client = mlflow_run.client(trained["uri"])
+    second, _ = mlflow_run.get_or_create_run(trained["uri"], "sample-test", "r2", {}, artifact_root=str(trained["root"] / "art"))
+    for run_id, step in ((trained["run_id"], 4), (second, 8)):
+        grid = tmp_path / f"samples_step{step:07d}.png"
+        Image.new("RGB", (70, 36), (200, 10, 10)).save(grid)
+        client.log_artifact(run_id, str(grid), "samples")
+    out = tmp_path / "side.png"
+    code = main(["compare", trained["run_id"], second, "--tracking-uri", trained["uri"], "--png", str(out), "--json"])
+    assert code == 0
+    result = _last_json(capsys)
+    experiment_id = client.get_run(second).info.experiment_id
+    assert [r["url"] for r in result["runs"]] == [
+        f"http://127.0.0.1:5000/#/experiments/{experiment_id}/runs/{run_id}" for run_id in (trained["run_id"], second)]
+    assert Image.open(out).size[0] >= 2 * 70

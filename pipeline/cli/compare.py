@@ -66,10 +66,14 @@ def run_compare(args: argparse.Namespace) -> int:
         columns += result["params"] + result["metrics"]
         print(format_table(result["runs"], columns))
         print()
+        for row in result["runs"]:
+            print(f"{row['run']}: {row['url']}")
+        print()
         print(f"{len(result['runs'])} runs; params that differ: {', '.join(result['params']) or 'none'}")
         if args.png:
             print(f"sample grids and AND-OR trees side by side: {args.png}")
-        print(f"open the MLflow UI on the same store:  {result['ui']}")
+        if not tracking_uri.startswith(("http://", "https://")):
+            print(f"(the links need the MLflow UI on the same store:  {result['ui']})")
     else:
         print(json.dumps(result, default=str))
     return 0

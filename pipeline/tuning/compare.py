@@ -26,6 +26,13 @@ class CompareError(RuntimeError):
     pass
 
 
+def run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str:
+    """The run's page in the MLflow UI: absolute on a tracking server, else relative to `mlflow ui`'s
+    default address (local stores have no server of their own)."""
+    base = tracking_uri.rstrip("/") if tracking_uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
 def compare_runs(tracking_uri: str, *, experiment: str | None = None, run_ids: list[str] | None = None,
                  metrics: list[str] | None = None, search: str | None = None,
                  include_searches: bool = False) -> dict:
@@ -70,6 +77,7 @@ def compare_runs(tracking_uri: str, *, experiment: str | None = None, run_ids: l
             "run": run.info.run_name, "run_id": run.info.run_id, "status": run.info.status,
             "trial": tags.get(TRIAL_TAG), "trial_status": tags.get(STATUS_TAG),
         }
+        row["url"] = run_url(tracking_uri, run.info.experiment_id, run.info.run_id)
         row.update({k: _number(run.data.params.get(k)) for k in differing})
         row.update({m: run.data.metrics.get(m) for m in chosen})
         rows.append(row)
