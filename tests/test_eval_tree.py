@@ -98,6 +98,14 @@ def test_cli_evaluate_logs_into_the_checkpoints_run(tmp_path, capsys, checkpoint
     run = client.get_run(run_id)
     assert run.data.metrics["tree_nodes"] == printed["tree_nodes"]
     assert "evaluation/and_or_tree.png" in {a.path for a in client.list_artifacts(run_id, "evaluation")}
+    # The run had no model yet: evaluate logged the generator it evaluated (issue 14: "and at evaluate").
+    import mlflow.pytorch
+
+    from pipeline.tracking.models import model_uri_of_run
+
+    mlflow.set_tracking_uri(uri)
+    model = mlflow.pytorch.load_model(model_uri_of_run(uri, run_id))
+    assert model(torch.randn(2, model.latent_dim)).shape[0] == 2
 
 
 def test_cli_evaluate_by_run_id_and_missing_fid_weights(tmp_path, capsys, monkeypatch, checkpoint_and_run):

@@ -134,6 +134,11 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
     if log_run and not args.no_log:
         log_to_mlflow(log_run, results, artifacts, tracking_uri=tracking_uri)
+        from pipeline.tracking.models import log_generator, model_uri_of_run
+
+        if model_uri_of_run(tracking_uri, log_run) is None:  # e.g. a run trained before models were logged
+            print(f"logged the generator as MLflow model {log_generator(tracking_uri, log_run, generator, cfg)}",
+                  file=sys.stderr)
         print(f"logged {len(results)} metrics and {len(artifacts)} artifacts into MLflow run {log_run}", file=sys.stderr)
     for name, value in results.items():
         print(f"{name:40s} {value:.6g}")

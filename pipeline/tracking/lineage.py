@@ -32,7 +32,8 @@ def log_dataset_input(tracking_uri: str, run_id: str, info, resolution: int, nam
     from mlflow.tracking import MlflowClient
 
     url = str(info.url)
-    name = name or f"{Path(url.rstrip('/')).name or url}-{info.image_size}px"
+    folder = Path(url.rstrip("/")).name or url
+    name = name or (folder if folder.endswith(f"-{info.image_size}px") else f"{folder}-{info.image_size}px")
     with warnings.catch_warnings():  # a local path matches MLflow's local source twice; either reading is right
         warnings.simplefilter("ignore", UserWarning)
         source = resolve_dataset_source(url)
