@@ -11,6 +11,7 @@ import pipeline
 from pipeline.cli import main
 from pipeline.distributed.checkpoint import write_checkpoint
 from pipeline.learning import LatentBank
+from tests.test_eval_fixtures import demo_data  # noqa: F401 - fixture
 
 OVERRIDES = ["model.fc_channels=64", "model.widths=[32, 16, 8]", "evaluation.inference_steps=4",
              "evaluation.inference_noise_free_steps=2"]
@@ -121,3 +122,46 @@ def test_compare_links_each_run_to_its_mlflow_page_and_puts_sample_grids_side_by
     assert [r["url"] for r in result["runs"]] == [
         f"http://127.0.0.1:5000/#/experiments/{experiment_id}/runs/{run_id}" for run_id in (trained["run_id"], second)]
     assert Image.open(out).size[0] >= 2 * 70
+
+
+def test_compare_samples_grid_puts_each_runs_latest_grid_side_by_side_with_captions(trained, tmp_path, capsys):
+    from pipeline.tracking import mlflow_run
+
+    client = mlflow_run.client(trained["uri"])
+    first, _ = mlflow_run.get_or_create_run(trained["uri"], "grid-test", "g1", {}, artifact_root=str(trained["root"] / "art"))
+    second, _ = mlflow_run.get_or_create_run(trained["uri"], "grid-test", "g2", {}, artifact_root=str(trained["root"] / "art"))
+    third, _ = mlflow_run.get_or_create_run(trained["uri"], "grid-test", "g3", {}, artifact_root=str(trained["root"] / "art"))
+    # first: an older, larger grid (step 10) and the latest (step 120, whose number sorts after 10 only as a number).
+    for run_id, step, size in ((first, 10, (300, 90)), (first, 120, (200, 60)), (second, 8, (200, 60))):
+        folder = tmp_path / run_id
+        folder.mkdir(exist_ok=True)
+        Image.new("RGB", size, (200, 10, 10)).save(folder / f"samples_step{step:07d}.png")
+        client.log_artifact(run_id, str(folder / f"samples_step{step:07d}.png"), "samples")
+    out = tmp_path / "grids.png"
+    code = main(["compare", first, second, third, "--tracking-uri", trained["uri"], "--samples-grid", str(out), "--json"])
+    assert code == 0
+    result = _last_json(capsys)
+    assert result["samples_grid"] == str(out)
+    assert result["sample_grids"] == {first: "samples/samples_step0000120.png",
+                                      second: "samples/samples_step0000008.png", third: None}
+    assert all(r["url"].endswith(f"/runs/{r['run_id']}") for r in result["runs"])
+    picture = Image.open(out)
+    # Two 200-px grids and a 128-px 'no samples' tile with 8-px gaps; captions above the tallest (60 or 128 px).
+    assert picture.size == (200 + 200 + 128 + 4 * 8, 18 + 128 + 2 * 8)
+    # The first column shows the step-120 grid (red), not the larger step-10 one.
+    assert picture.getpixel((8 + 100, 8 + 18 + 30)) == (200, 10, 10)
+    assert picture.getpixel((8 + 100, 8 + 18 + 100)) == (255, 255, 255)
+    # Table output: the links and, for a sqlite store, how to open them.
+    assert main(["compare", first, second, "--tracking-uri", trained["uri"]]) == 0
+    text = capsys.readouterr().out
+    assert f"g1: http://127.0.0.1:5000/#/experiments/" in text and "mlflow ui --backend-store-uri" in text
+
+
+def test_reconstruct_holdout_shards(trained, demo_data, tmp_path, capsys):
+    out = tmp_path / "holdout.png"
+    code = main(["reconstruct", "--checkpoint", trained["checkpoint"], "--data", demo_data, "--split", "holdout",
+                 "-n", "4", "--out", str(out), "--json"])
+    assert code == 0
+    report = _last_json(capsys)
+    assert [item["image"].split(":")[0] for item in report["per_image"]] == ["holdout"] * 4
+    assert np.isfinite(report["mean_mse"]) and Image.open(out).size == (4 * 34 + 2, 2 * 34 + 2)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 
 
@@ -15,7 +16,9 @@ def register(subparsers) -> None:
             "Print a table of MLflow runs -- every training run of an experiment (default 'sparsegen'), one "
             "search's trials (--search), or the given run ids -- with the params whose values differ between "
             "them and their latest metrics. --png places each run's latest sample grid and AND-OR tree side by "
-            "side in one picture."
+            "side in one picture; --samples-grid only the sample grids, captioned with the run names. Each run "
+            "comes with its MLflow UI link (key 'url' in --json): the server's page on an http(s) tracking URI, "
+            "else the page of `mlflow ui --backend-store-uri <store> --port 5000` (the command is printed)."
         ),
     )
     compare.add_argument("run_ids", nargs="*", metavar="RUN_ID", help="MLflow run ids (default: every run of --experiment)")
@@ -25,6 +28,9 @@ def register(subparsers) -> None:
     compare.add_argument("--metrics", default=None, metavar="NAME[,NAME...]",
                          help="metrics to show (default: holdout MSE, FID, matching scores, reconstruction MSE...)")
     compare.add_argument("--png", default=None, metavar="OUT.png", help="write the runs' sample grids and AND-OR trees side by side")
+    compare.add_argument("--samples-grid", default=None, metavar="OUT.png",
+                         help="write only the runs' latest sample grids (artifacts samples/samples_stepXXXXXXX.png, "
+                              "highest step) side by side in one PNG, each captioned with its run name")
     compare.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or the workdir's sqlite store)")
     compare.add_argument("--workdir", default=None, help="workdir whose MLflow store to read (default: ./sparsegen-work)")
     compare.add_argument("--json", action="store_true", help="print one JSON object on the last stdout line")
@@ -58,6 +64,9 @@ def run_compare(args: argparse.Namespace) -> int:
             titles = [f"{r['run']}" for r in rows]
             result["png"] = args.png
             result["pictures"] = side_by_side_png(tracking_uri, [r["run_id"] for r in rows], args.png, titles)
+        if args.samples_grid:
+            result["samples_grid"] = args.samples_grid
+            result["sample_grids"] = samples_side_by_side(tracking_uri, result["runs"], args.samples_grid)
     except CompareError as exc:
         print(f"sparsegen: {exc}", file=sys.stderr)
         return 1
@@ -72,8 +81,75 @@ def run_compare(args: argparse.Namespace) -> int:
         print(f"{len(result['runs'])} runs; params that differ: {', '.join(result['params']) or 'none'}")
         if args.png:
             print(f"sample grids and AND-OR trees side by side: {args.png}")
+        if args.samples_grid:
+            missing = [r["run"] for r in result["runs"] if not result["sample_grids"][r["run_id"]]]
+            print(f"latest sample grids side by side: {args.samples_grid}"
+                  + (f" (no samples/ grid in: {', '.join(map(str, missing))})" if missing else ""))
         if not tracking_uri.startswith(("http://", "https://")):
             print(f"(the links need the MLflow UI on the same store:  {result['ui']})")
     else:
         print(json.dumps(result, default=str))
     return 0
+
+
+_SAMPLES_ARTIFACT = re.compile(r"samples_step(\d+)\.png$")
+_CAPTION_PX = 18
+_GAP_PX = 8
+
+
+def latest_samples_artifact(client, run_id: str) -> str | None:
+    """The run's sample grid artifact with the highest step (samples/samples_stepXXXXXXX.png), else None."""
+    try:
+        entries = client.list_artifacts(run_id, "samples")
+    except Exception:  # noqa: BLE001 - a run without artifacts, an unreachable artifact store: no grid
+        return None
+    stepped = [(int(m.group(1)), e.path) for e in entries if (m := _SAMPLES_ARTIFACT.search(e.path))]
+    return max(stepped)[1] if stepped else None
+
+
+def samples_side_by_side(tracking_uri: str, rows: list[dict], out_path: str) -> dict:
+    """One PNG: each run's latest sample grid at its own size, left to right in the table's order, with the run
+    name above it; a run without a grid gets a grey 'no samples' tile. Returns {run_id: artifact or None}."""
+    import tempfile
+    from pathlib import Path
+
+    from PIL import Image, ImageDraw, ImageFont
+
+    from pipeline.tracking import mlflow_run
+
+    client = mlflow_run.client(tracking_uri)
+    font = ImageFont.load_default()
+    found: dict[str, str | None] = {}
+    tiles = []
+    with tempfile.TemporaryDirectory(prefix="sparsegen-compare-") as directory:
+        for row in rows:
+            artifact = latest_samples_artifact(client, row["run_id"])
+            picture = None
+            if artifact:
+                try:
+                    local = client.download_artifacts(row["run_id"], artifact, str(Path(directory) / row["run_id"]))
+                    with Image.open(local) as image:
+                        picture = image.convert("RGB")
+                except Exception:  # noqa: BLE001 - listed but unreadable: shown as missing
+                    artifact = None
+            found[row["run_id"]] = artifact
+            if picture is None:
+                picture = Image.new("RGB", (128, 128), (220, 220, 220))
+                ImageDraw.Draw(picture).text((64, 64), "no samples", fill=(90, 90, 90), font=font, anchor="mm")
+            caption = str(row.get("run") or row["run_id"][:8])
+            if artifact:
+                caption += f"  (step {int(_SAMPLES_ARTIFACT.search(artifact).group(1))})"
+            tiles.append((caption, picture))
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    widths = [max(p.width, int(measure.textlength(c, font=font)) + 4) for c, p in tiles]
+    height = _CAPTION_PX + max(p.height for _, p in tiles)
+    canvas = Image.new("RGB", (sum(widths) + _GAP_PX * (len(tiles) + 1), height + 2 * _GAP_PX), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    left = _GAP_PX
+    for (caption, picture), width in zip(tiles, widths):
+        draw.text((left + width // 2, _GAP_PX + _CAPTION_PX // 2), caption, fill=(0, 0, 0), font=font, anchor="mm")
+        canvas.paste(picture, (left + (width - picture.width) // 2, _GAP_PX + _CAPTION_PX))
+        left += width + _GAP_PX
+    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(out_path)
+    return found

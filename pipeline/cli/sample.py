@@ -120,7 +120,8 @@ def run_sample(args: argparse.Namespace) -> int:
     with torch.no_grad():
         images = torch.cat([generator(chunk) for chunk in z.split(256)])
     report = {"n": int(z.shape[0]), "resolution": int(images.shape[-1]), "latent_dim": d,
-              "source": args.run or args.checkpoint or args.model_uri, "interpolate": interpolate}
+              "source": args.run or args.checkpoint or args.model_uri, "interpolate": interpolate,
+              "interpolation": "spherical" if interpolate else None, "out": None, "npz": None}
     if args.out:
         columns = z.shape[0] if interpolate else min(8, z.shape[0])
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
