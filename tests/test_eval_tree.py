@@ -123,33 +123,132 @@ def test_cli_evaluate_by_run_id_and_missing_fid_weights(tmp_path, capsys, monkey
     assert main(["evaluate", "--run", run_id, "--metrics", "bogus", "--tracking-uri", uri]) == 2
 
 
-def test_tree_pages_fit_2000_px_with_48_px_tiles_and_the_or_view_matches_a_forward(tmp_path, tiny_generator):
+def _pages(paths, key):
+    """The pages of one picture in order: <key>, <key>_p2, <key>_p3, ..."""
+    extra = sorted((k for k in paths if k.startswith(f"{key}_p")), key=lambda k: int(k.rsplit("_p", 1)[1]))
+    return [paths[key], *(paths[k] for k in extra)]
+
+
+def _assert_page_matches_layout(png, page, document, tile_px):
+    """The PNG has the layout's size, at most 2000 px wide; every tile of the page lies inside it, is drawn
+    (not blank) and tiles of one row do not overlap."""
+    import numpy as np
     from PIL import Image
 
-    from pipeline.evaluation import tree as tree_module
-    from pipeline.evaluation.basis import forward_with_masks
+    picture = np.asarray(Image.open(png).convert("RGB"))
+    assert picture.shape[1::-1] == (page.width_px, page.height_px)
+    assert page.width_px <= 2000 and page.height_px <= 2000
+    rows = {}
+    for x, y in page.tiles.values():
+        assert 0 <= x and x + tile_px <= page.width_px and 0 <= y and y + tile_px <= page.height_px
+        square = picture[y : y + tile_px, x : x + tile_px].astype(int)
+        assert (np.abs(square - 255).sum(axis=-1) > 0).mean() > 0.5  # a drawn tile, not white page
+        rows.setdefault(y, []).append(x)
+    for xs in rows.values():
+        xs.sort()
+        assert all(b - a >= tile_px for a, b in zip(xs, xs[1:]))
+    roots = [document["nodes"][i] for i in page.roots]
+    assert {n["id"] for n in _walk(roots)} >= set(page.tiles)
+
+
+def test_tree_page_has_48_px_tiles_within_2000_px_and_the_or_view_of_the_roots(tmp_path, tiny_generator):
+    from PIL import Image
+
+    from pipeline.evaluation.tree import tree_layout
 
     _, generator = tiny_generator
-    assert tree_module.TILE_PX >= 48
     z = torch.randn(1, generator.latent_dim, generator=torch.Generator().manual_seed(0))
-    paths, document = write_tree(generator, z, tmp_path, roots=8, children=3)
-    pages = [paths["tree_png"], *(paths[k] for k in sorted(paths) if k.startswith("tree_png_p"))]
-    leaves = sum(tree_module._subtree_leaves(r) for r in document["nodes"])
-    assert len(pages) >= 2 or leaves * (tree_module.TILE_PX + tree_module.GAP_PX) < 2000  # paged when too wide
-    for page in pages:
-        width, height = Image.open(page).size
-        assert width <= 2000 and height >= tree_module.TILE_PX * len(document["layers"])
+    paths, document = write_tree(generator, z, tmp_path, roots=6, children=3, or_latents=16)
+    assert {"tree_json", "tree_npz", "tree_png", "tree_or_json", "tree_or_npz", "tree_or_png"} <= set(paths)
+    layout = tree_layout(document)
+    assert layout.tile_px >= 48 and layout.children_cap is None
+    assert len(layout.pages) == 1 and _pages(paths, "tree_png") == [tmp_path / "and_or_tree.png"]
+    page = layout.pages[0]
+    assert page.roots == list(range(len(document["nodes"])))
+    assert set(page.tiles) == {n["id"] for n in _walk(document["nodes"])}  # every node drawn on the one page
+    _assert_page_matches_layout(paths["tree_png"], page, document, layout.tile_px)
+    # Parents sit above their children, one row per layer.
+    for node in _walk(document["nodes"]):
+        for child in node["children"]:
+            assert page.tiles[child["id"]][1] > page.tiles[node["id"]][1]
+    # The OR view: one row per distinct root position, labelled with the roots there.
     or_doc = json.loads(Path(paths["tree_or_json"]).read_text())
-    assert Path(paths["tree_or_png"]).exists() and Image.open(paths["tree_or_png"]).size[0] <= 2000
-    zs = torch.randn(or_doc["num_latents"], generator.latent_dim,
-                     generator=torch.Generator().manual_seed(or_doc["seed"]))
-    _, activations, _ = forward_with_masks(generator, zs)
-    act = activations[or_doc["layer"]]
-    root_positions = {tuple(r["position"]) for r in document["nodes"]}
-    assert {tuple(p["position"]) for p in or_doc["positions"]} == root_positions
+    assert [tuple(p["position"]) for p in or_doc["positions"]] == list(
+        dict.fromkeys(tuple(r["position"]) for r in document["nodes"]))
     for entry in or_doc["positions"]:
+        assert all(document["nodes"][k - 1]["position"] == entry["position"] for k in entry["roots"])
+    assert Image.open(paths["tree_or_png"]).size[0] <= 2000
+
+
+def test_many_roots_are_paged_and_a_narrow_page_draws_the_strongest_children(tmp_path, tiny_generator):
+    from pipeline.evaluation.tree import render_tree, tree_layout
+
+    _, generator = tiny_generator
+    z = torch.randn(1, generator.latent_dim, generator=torch.Generator().manual_seed(0))
+    paths, document = write_tree(generator, z, tmp_path, roots=30, children=3, or_latents=8)
+    assert len(document["nodes"]) == 30
+    layout = tree_layout(document)
+    pages = _pages(paths, "tree_png")
+    assert len(pages) == len(layout.pages) >= 2
+    assert pages[1] == tmp_path / "and_or_tree_p2.png"
+    assert [i for p in layout.pages for i in p.roots] == list(range(30))  # each root once, in order
+    for png, page in zip(pages, layout.pages):
+        _assert_page_matches_layout(png, page, document, layout.tile_px)
+    or_pages = _pages(paths, "tree_or_png")
+    assert len(or_pages) >= 2 and or_pages[1] == tmp_path / "and_or_tree_or_p2.png"
+    from PIL import Image
+
+    assert all(Image.open(p).size[0] <= 2000 and Image.open(p).size[1] <= 2000 for p in or_pages)
+
+    # A page too narrow for a full subtree draws only the strongest children per node, still >= 48 px tiles.
+    narrow = tree_layout(document, page_width_px=800)
+    assert narrow.children_cap is not None and narrow.children_cap < 3
+    written = render_tree(document, _arrays_of(tmp_path), tmp_path / "narrow.png",
+                          page_width_px=800)
+    assert len(written) == len(narrow.pages)
+    for png, page in zip(written, narrow.pages):
+        assert page.width_px <= 800
+        _assert_page_matches_layout(png, page, document, narrow.tile_px)
+
+
+def _arrays_of(directory):
+    import numpy as np
+
+    with np.load(directory / "and_or_tree.npz") as data:
+        return {k: data[k] for k in data.files}
+
+
+def test_or_alternatives_are_channels_that_fire_there_in_a_direct_forward(tiny_generator):
+    from pipeline.evaluation.tree import or_alternatives
+
+    _, generator = tiny_generator
+    positions = [(0, 0), (3, 4), (7, 7)]
+    document, arrays = or_alternatives(generator, "conv8", positions, num_latents=16, top=5, seed=1)
+    json.dumps(document)
+    assert document["num_latents"] == 16 and document["layer"] == "conv8"
+    assert [tuple(p["position"]) for p in document["positions"]] == positions
+    z = torch.randn(16, generator.latent_dim, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        _, activations, _ = generator(z, return_masks=True)
+    act = activations["conv8"]
+    for entry in document["positions"]:
         y, x = entry["position"]
-        for alt in entry["alternatives"]:
-            fired = act[:, alt["channel"], y, x] > 0
-            assert 0 < alt["frequency"] <= 1 and alt["frequency"] == pytest.approx(float(fired.float().mean()))
-            assert fired[alt["strongest_sample"]]
+        fires = act[:, :, y, x] > 0  # (Z, channels)
+        assert entry["distinct_channels"] == int(fires.any(0).sum())
+        assert entry["fires_fraction"] == pytest.approx(float(fires.any(1).float().mean()))
+        alternatives = entry["alternatives"]
+        assert len(alternatives) == min(5, entry["distinct_channels"]) and alternatives
+        frequencies = [a["frequency"] for a in alternatives]
+        assert frequencies == sorted(frequencies, reverse=True)
+        for alt in alternatives:
+            c = alt["channel"]
+            assert 0 < alt["frequency"] <= 1
+            assert alt["frequency"] == pytest.approx(float(fires[:, c].float().mean()))
+            assert fires[alt["strongest_sample"], c]  # fires in at least one Z: its strongest one
+            assert alt["activation"] == pytest.approx(float(act[:, c, y, x].max()), rel=1e-5)
+            assert arrays[alt["basis_key"]].shape[0] == 3 and arrays[alt["basis_key"]].size > 0
+            assert f"image_s{alt['strongest_sample']}" in arrays
+        # No channel more frequent than the listed ones was left out.
+        assert float(fires.float().mean(0).max()) == pytest.approx(frequencies[0])
+    with pytest.raises(ValueError):
+        or_alternatives(generator, "conv8", [(8, 0)], num_latents=2)
