@@ -203,6 +203,9 @@ def _ddp_rank(rank: int, world_size: int, port: int, queue) -> None:
                 scale = expected.abs().max().clamp_min(1e-6)
                 worst = max(worst, float((p_ddp.grad - expected).abs().max() / scale))
         queue.put((rank, worst))
+        # Both ranks leave together: a rank tearing gloo down while its peer still talks to it aborts (seen
+        # as exit code -6 under load).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
