@@ -29,7 +29,7 @@ def register(subparsers) -> None:
                          help="metrics to show (default: holdout MSE, FID, matching scores, reconstruction MSE...)")
     compare.add_argument("--png", default=None, metavar="OUT.png", help="write the runs' sample grids and AND-OR trees side by side")
     compare.add_argument("--samples-grid", default=None, metavar="OUT.png",
-                         help="write only the runs' latest sample grids (artifacts samples/samples_stepXXXXXXX.png, "
+                         help="write only the runs' latest sample grids (artifacts samples/samples_step<step>.png, "
                               "highest step) side by side in one PNG, each captioned with its run name")
     compare.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or the workdir's sqlite store)")
     compare.add_argument("--workdir", default=None, help="workdir whose MLflow store to read (default: ./sparsegen-work)")
@@ -98,13 +98,10 @@ _GAP_PX = 8
 
 
 def latest_samples_artifact(client, run_id: str) -> str | None:
-    """The run's sample grid artifact with the highest step (samples/samples_stepXXXXXXX.png), else None."""
-    try:
-        entries = client.list_artifacts(run_id, "samples")
-    except Exception:  # noqa: BLE001 - a run without artifacts, an unreachable artifact store: no grid
-        return None
-    stepped = [(int(m.group(1)), e.path) for e in entries if (m := _SAMPLES_ARTIFACT.search(e.path))]
-    return max(stepped)[1] if stepped else None
+    """The run's sample grid artifact with the highest step (samples/samples_step<step>.png), else None."""
+    from pipeline.tuning.compare import _latest, _list_pngs
+
+    return _latest([p for p in _list_pngs(client, run_id, "samples") if _SAMPLES_ARTIFACT.search(p)])
 
 
 def samples_side_by_side(tracking_uri: str, rows: list[dict], out_path: str) -> dict:
@@ -116,6 +113,7 @@ def samples_side_by_side(tracking_uri: str, rows: list[dict], out_path: str) -> 
     from PIL import Image, ImageDraw, ImageFont
 
     from pipeline.tracking import mlflow_run
+    from pipeline.tuning.compare import _download
 
     client = mlflow_run.client(tracking_uri)
     font = ImageFont.load_default()
@@ -126,11 +124,13 @@ def samples_side_by_side(tracking_uri: str, rows: list[dict], out_path: str) -> 
             artifact = latest_samples_artifact(client, row["run_id"])
             picture = None
             if artifact:
+                local = _download(client, row["run_id"], artifact, directory)
                 try:
-                    local = client.download_artifacts(row["run_id"], artifact, str(Path(directory) / row["run_id"]))
+                    if local is None:
+                        raise OSError("not downloadable")
                     with Image.open(local) as image:
                         picture = image.convert("RGB")
-                except Exception:  # noqa: BLE001 - listed but unreadable: shown as missing
+                except OSError:  # listed but not downloadable, or not an image: shown as missing
                     artifact = None
             found[row["run_id"]] = artifact
             if picture is None:

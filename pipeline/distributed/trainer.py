@@ -232,9 +232,12 @@ def train(
     mlflow_run.set_tags(tracking_uri, run_id, {mlflow_run.CHECKPOINT_TAG: checkpoint_uri})
     kept = _log_checkpoint_uris(result, checkpoint_uri, tracking_uri, run_id, s3=checkpoint_uri.startswith("s3://"))
     mlflow_checkpoints = _log_checkpoints_to_mlflow(cfg, checkpoint_uri, kept, tracking_uri, run_id)
-    model_uri = _log_model(cfg, checkpoint_uri, tracking_uri, run_id)
+    from pipeline.distributed.checkpoint import load_generator
+
+    trained_cfg, generator = load_generator(checkpoint_uri)  # once, for the logged model and the evaluation
+    model_uri = _log_model(cfg, trained_cfg, generator, tracking_uri, run_id)
     metrics = dict(result.metrics or {})
-    metrics.update(_evaluate_at_end(cfg, checkpoint_uri, tracking_uri, run_id, workdir_path))
+    metrics.update(_evaluate_at_end(cfg, trained_cfg, generator, tracking_uri, run_id, workdir_path))
     mlflow_run.finish_run(tracking_uri, run_id, "FINISHED")
     return {"run_id": run_id, "name": cfg.run.name, "checkpoint": checkpoint_uri, "metrics": metrics,
             "tracking_uri": tracking_uri, "resumed": resuming, "model_uri": model_uri,
@@ -275,12 +278,10 @@ def _log_checkpoints_to_mlflow(cfg: Config, latest_uri: str, kept: list[tuple[st
     return sources
 
 
-def _log_model(cfg: Config, checkpoint_uri: str, tracking_uri: str, run_id: str) -> str:
+def _log_model(cfg: Config, model_cfg: Config, generator, tracking_uri: str, run_id: str) -> str:
     """The trained generator as an MLflow model (``mlflow.pytorch``), registered when run.register_model."""
-    from pipeline.distributed.checkpoint import load_generator
     from pipeline.tracking.models import log_generator
 
-    model_cfg, generator = load_generator(checkpoint_uri)
     model_uri = log_generator(tracking_uri, run_id, generator, model_cfg,
                               registered_model_name=cfg.run.register_model)
     registered = f", registered as '{cfg.run.register_model}'" if cfg.run.register_model else ""
@@ -288,7 +289,7 @@ def _log_model(cfg: Config, checkpoint_uri: str, tracking_uri: str, run_id: str)
     return model_uri
 
 
-def _evaluate_at_end(cfg: Config, checkpoint_uri: str, tracking_uri: str, run_id: str, workdir: Path) -> dict:
+def _evaluate_at_end(cfg: Config, eval_cfg: Config, generator, tracking_uri: str, run_id: str, workdir: Path) -> dict:
     """The configured end-of-training evaluation (evaluation.at_end), logged into the run."""
     if not cfg.evaluation.at_end:
         return {}
@@ -296,10 +297,8 @@ def _evaluate_at_end(cfg: Config, checkpoint_uri: str, tracking_uri: str, run_id
         from pipeline.evaluation import evaluate
     except ImportError:
         return {}
-    from pipeline.distributed.checkpoint import load_generator
     from pipeline.tracking import mlflow_run
 
-    eval_cfg, generator = load_generator(checkpoint_uri)
     out_dir = workdir / "evaluations" / cfg.run.name
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics, artifacts = evaluate(eval_cfg, generator, cfg.data.url, list(cfg.evaluation.at_end),

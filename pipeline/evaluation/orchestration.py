@@ -36,7 +36,6 @@ import torch
 log = logging.getLogger(__name__)
 
 METRICS = ("fid", "mse", "matching", "tree", "parts", "swd")
-CHECKPOINT_TAG = "sparsegen.checkpoint"
 ARTIFACT_DIR = "evaluation"
 
 

@@ -25,9 +25,9 @@ CACHE_ENV = "SPARSEGEN_CHECKPOINT_CACHE"
 
 
 def _client(tracking_uri: str | None):
-    from mlflow.tracking import MlflowClient
+    from pipeline.tracking.mlflow_run import client
 
-    return MlflowClient(tracking_uri=tracking_uri)
+    return client(tracking_uri)
 
 
 def log_checkpoint(tracking_uri: str, run_id: str, checkpoint_uri: str, label: str) -> str:
