@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import subprocess
+import time
 import warnings
 from pathlib import Path
 
@@ -43,8 +44,19 @@ def log_dataset_input(tracking_uri: str, run_id: str, info, resolution: int, nam
                "kind": info.kind, "manifest_sha256": info.manifest_sha256}
     entity = Dataset(name=described["name"], digest=described["digest"], source_type=described["source_type"],
                      source=described["source"], profile=json.dumps(profile))
-    MlflowClient(tracking_uri).log_inputs(
-        run_id, datasets=[DatasetInput(entity, tags=[InputTag("mlflow.data.context", DATASET_CONTEXT)])])
+    from mlflow.exceptions import MlflowException
+
+    dataset_input = DatasetInput(entity, tags=[InputTag("mlflow.data.context", DATASET_CONTEXT)])
+    # Concurrent runs of one experiment on the same data (a search's trials, an ablation's arms) insert the
+    # same dataset row at once; the loser's retry finds the row and only links it to its run.
+    for attempt in range(3):
+        try:
+            MlflowClient(tracking_uri).log_inputs(run_id, datasets=[dataset_input])
+            return
+        except MlflowException:
+            if attempt == 2:
+                raise
+            time.sleep(0.2 * (attempt + 1))
 
 
 def code_version_tags() -> dict[str, str]:
