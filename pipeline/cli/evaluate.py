@@ -57,7 +57,7 @@ def _tracking_uri(args, cfg=None) -> str:
         return args.tracking_uri
     if cfg is not None and cfg.run.tracking_uri:
         return cfg.run.tracking_uri
-    from pipeline.distributed.trainer import resolve_workdir
+    from pipeline.runtime import resolve_workdir
     from pipeline.tracking.mlflow_run import default_tracking_uri
 
     return default_tracking_uri(resolve_workdir(args.workdir))
@@ -117,7 +117,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     data_url = args.data or cfg.data.url
     if data_url is None and set(metrics) & {"fid", "mse", "matching", "parts", "swd"}:
         # The run trained on the built-in demo data: the same shards, made once under the workdir.
-        from pipeline.distributed.trainer import ensure_demo_data, resolve_workdir
+        from pipeline.runtime import ensure_demo_data, resolve_workdir
 
         data_url = ensure_demo_data(cfg, resolve_workdir(args.workdir), progress=not args.no_progress)
     out_dir = args.out or tempfile.mkdtemp(prefix="sparsegen-eval-")

@@ -76,7 +76,7 @@ def ray_images_per_s(cfg: Config, workers: int, steps: int, workdir: str) -> dic
 
 
 def bench_ray(cfg: Config, steps: int = 40, workdir: str | None = None, progress=None) -> dict:
-    from pipeline.distributed.trainer import ensure_demo_data, resolve_workdir
+    from pipeline.runtime import ensure_demo_data, resolve_workdir
 
     say = progress or (lambda message: None)
     workdir_path = resolve_workdir(workdir or tempfile.mkdtemp(prefix="sparsegen-bench-ray-"))

@@ -3,7 +3,8 @@
 ``train(cfg)`` resolves where things live (data, checkpoints, MLflow), starts or joins Ray, creates or
 finds the run's single MLflow run, builds the ``TorchTrainer`` (CPU + gloo, or GPU + NCCL when
 ``run.gpus_per_worker > 0``) and fits it. Running the same ``run.name`` again resumes it: Ray Train
-restores its latest checkpoint from ``<storage>/<name>`` and the MLflow run is found by name.
+restores its latest checkpoint from ``<storage>/<name>`` and the MLflow run is found by name. The workdir,
+demo data, ingest and Ray's start-up are ``pipeline.runtime``'s (shared with the CLI, tuning and evaluation).
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ import time
 from pathlib import Path
 
 from pipeline.config import Config
+from pipeline.runtime import ensure_demo_data, ensure_shards, init_ray, resolve_workdir, storage_path
 
-DEFAULT_WORKDIR = "sparsegen-work"
 # `sparsegen demo`'s budget: what 2 workers on 2 cores train in about 6 minutes, leaving time for Ray's
 # start and the end-of-training evaluation within `make demo`'s 8 minutes (README).
 DEMO_MAX_STEPS = 400
@@ -22,76 +23,6 @@ DEMO_MAX_STEPS = 400
 
 class TrainingError(RuntimeError):
     pass
-
-
-def resolve_workdir(workdir: str | None) -> Path:
-    path = Path(workdir or os.environ.get("SPARSEGEN_WORKDIR") or DEFAULT_WORKDIR).resolve()
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def ensure_demo_data(cfg: Config, workdir: Path, progress: bool = True) -> str:
-    """The built-in demo shards for this config's resolution, made once under the workdir."""
-    from pipeline.data import make_demo_data
-
-    out = workdir / "data" / f"demo-{cfg.data.demo_images}-{cfg.model.resolution}px"
-    if not (out / "manifest.parquet").exists():
-        print(f"[sparsegen] making {cfg.data.demo_images} demo images at {out}", flush=True)
-        make_demo_data(str(out), cfg.data.demo_images, size=cfg.model.resolution, seed=cfg.training.seed,
-                       holdout_fraction=cfg.data.holdout_fraction, progress=progress)
-    return str(out)
-
-
-def ensure_shards(cfg: Config, workdir: Path) -> str:
-    """``data.url`` itself when it holds shards; a local folder or archive of raw images is ingested once
-    into ``<workdir>/data/<name>-<resolution>px`` (the same as running `sparsegen ingest` first)."""
-    from pipeline.data import ingest, storage
-
-    url = cfg.data.url
-    if storage.is_s3(url) or (Path(url) / "manifest.parquet").exists() or not Path(url).exists():
-        return url  # shards, or an error from open_dataset naming the missing manifest
-    out = workdir / "data" / f"{Path(url).resolve().name}-{cfg.model.resolution}px"
-    if not (out / "manifest.parquet").exists():
-        print(f"[sparsegen] {url} holds raw images: ingesting them into shards at {out}", flush=True)
-        ingest(url, str(out), size=cfg.model.resolution, limit=cfg.data.limit,
-               holdout_fraction=cfg.data.holdout_fraction)
-    return str(out)
-
-
-def init_ray(address: str | None, min_cpus: int) -> None:
-    """Join RAY_ADDRESS / --address when given, else start (or reuse) an embedded local Ray with at least
-    ``min_cpus`` logical CPUs (the machine's count when larger)."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=True)
-        return
-    cpus = max(os.cpu_count() or 2, min_cpus)
-    # The dashboard (loopback only) serves the state API that Ray Train's controller monitoring queries.
-    ray.init(num_cpus=cpus, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1", log_to_driver=True)
-
-
-def storage_filesystem(storage: str):
-    """A pyarrow S3 filesystem honouring AWS_ENDPOINT_URL for s3:// storage (None: Ray's default)."""
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    if not storage.startswith("s3://") or not endpoint:
-        return None
-    import pyarrow.fs
-
-    return pyarrow.fs.S3FileSystem(
-        endpoint_override=endpoint,
-        region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
-        scheme="https" if endpoint.startswith("https") else "http",
-    )
-
-
-def _storage_path(storage: str) -> tuple[str, object]:
-    filesystem = storage_filesystem(storage)
-    # With an explicit filesystem, Ray wants the path without the scheme.
-    return (storage[len("s3://"):] if filesystem is not None else storage), filesystem
 
 
 def _existing_run(storage: str, name: str) -> bool:
@@ -183,7 +114,7 @@ def train(
 
     # The Train controller needs a CPU of its own besides the workers.
     init_ray(address, int(cfg.run.workers * cfg.run.cpus_per_worker) + 1)
-    storage_path, filesystem = _storage_path(cfg.run.storage)
+    ray_storage_path, filesystem = storage_path(cfg.run.storage)
     use_gpu = cfg.run.gpus_per_worker > 0
     resources = {"CPU": cfg.run.cpus_per_worker}
     if use_gpu:
@@ -209,7 +140,7 @@ def train(
         ),
         run_config=ray.train.RunConfig(
             name=cfg.run.name,
-            storage_path=storage_path,
+            storage_path=ray_storage_path,
             storage_filesystem=filesystem,
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.checkpoints_to_keep),

@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     data_url = args.data or cfg.data.url
     if data_url is None:
-        from pipeline.distributed.trainer import ensure_demo_data, resolve_workdir
+        from pipeline.runtime import ensure_demo_data, resolve_workdir
 
         data_url = ensure_demo_data(cfg, resolve_workdir(args.workdir), progress=not args.no_progress)
     from pipeline.data import open_dataset
