@@ -19,11 +19,25 @@ def load_cluster_config() -> dict:
 
 
 def validate(config: dict) -> dict:
-    """What `ray up` does before talking to AWS: merge the provider defaults, then validate."""
-    from ray.autoscaler._private.util import prepare_config, validate_config
+    """What `ray up` checks before talking to AWS, through public pieces of Ray: the provider's defaults
+    merged in (``ray.autoscaler.sdk.fillout_defaults``), the result against the cluster-config JSON schema
+    that ships with Ray (``ray/autoscaler/ray-schema.json``), then the checks across fields that the schema
+    cannot express (the head type is one of the node types; the node types' ``min_workers`` fit under the
+    global ``max_workers``)."""
+    import json
 
-    prepared = prepare_config(copy.deepcopy(config))
-    validate_config(prepared)
+    import jsonschema
+    import ray.autoscaler
+    from ray.autoscaler import sdk
+
+    prepared = sdk.fillout_defaults(copy.deepcopy(config))
+    schema = json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
+    jsonschema.validate(prepared, schema)
+    nodes = prepared["available_node_types"]
+    if prepared["head_node_type"] not in nodes:
+        raise ValueError(f"head_node_type {prepared['head_node_type']!r} is not one of available_node_types")
+    if sum(n.get("min_workers", 0) for n in nodes.values()) > prepared["max_workers"]:
+        raise ValueError("the node types' min_workers add up to more than the global max_workers")
     return prepared
 
 
