@@ -310,7 +310,11 @@ def load_config(name_or_path: str = "paper64", overrides: list[str] | dict[str, 
         _set_dotted(merged, key, value, problems)
     for key, value in _parse_overrides(overrides, problems).items():
         _set_dotted(merged, key, value, problems)
-    if problems:
+    if problems:  # unknown keys were skipped: the values of the known ones are checked too, all reported at once
+        try:
+            validate(config_from_dict(merged))
+        except ConfigError as exc:
+            problems.extend(p for p in exc.problems if p not in problems)
         raise ConfigError(problems)
     cfg = config_from_dict(merged)
     validate(cfg)

@@ -26,7 +26,19 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         module = importlib.import_module(f"{__name__}.{module_info.name}")
         module.register(subparsers)
+    _add_debug_flag(parser)
     return parser
+
+
+def _add_debug_flag(parser: argparse.ArgumentParser) -> None:
+    """``--debug`` on every (sub)command: errors the user can act on are one line, --debug adds the traceback."""
+    if not any("--debug" in action.option_strings for action in parser._actions):
+        parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                            help="on an error, also print its traceback (or set SPARSEGEN_DEBUG=1)")
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for subparser in dict.fromkeys(action.choices.values()):
+                _add_debug_flag(subparser)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,7 +48,14 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.host_memory import configure_host_allocator
 
     configure_host_allocator()
-    return int(args.func(args) or 0)
+    from pipeline.config import ConfigError
+    from pipeline.data.errors import DataError
+    from pipeline.preflight import PreflightError, report
+
+    try:
+        return int(args.func(args) or 0)
+    except (PreflightError, DataError, ConfigError) as exc:  # the user's input: one line naming the fix
+        return report(f"sparsegen {args.command}", exc, args)
 
 
 if __name__ == "__main__":

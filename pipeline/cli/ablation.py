@@ -58,11 +58,34 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run_ablation)
 
 
+def input_problems(settings) -> list[str]:
+    """Every mistake in --arms, the budget flags, --preset and --set (one message each), checked together."""
+    from pipeline.config import ConfigError, load_config
+    from pipeline.tuning.ablation import AblationError, parse_arms
+
+    problems = []
+    try:
+        parse_arms(settings.arms)
+    except AblationError as exc:
+        problems.append(str(exc))
+    for flag, value in (("--max-steps", settings.max_steps), ("--workers", settings.workers),
+                        ("--max-concurrent", settings.max_concurrent)):
+        if value is not None and value < 1:
+            problems.append(f"{flag} must be >= 1, got {value}")
+    try:
+        load_config(settings.preset, list(settings.overrides))
+    except ConfigError as exc:
+        problems.extend(exc.problems)
+    return problems
+
+
 def run_ablation(args: argparse.Namespace) -> int:
+    import os
     import time
 
     from pipeline.config import ConfigError
     from pipeline.data import DataError
+    from pipeline.preflight import PreflightError, check_command, report
     from pipeline.tuning.ablation import AblationError, AblationSettings, format_table, prepare, summary_json
 
     name = args.name or f"ablation-{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -70,17 +93,21 @@ def run_ablation(args: argparse.Namespace) -> int:
         name=name, preset=args.preset, arms=args.arms, data_url=args.data, max_steps=args.max_steps,
         workers=args.workers, max_concurrent=args.max_concurrent, overrides=list(args.overrides),
         workdir=args.workdir, tracking_uri=args.tracking_uri, address=args.address)
+    problems = input_problems(settings)
+    if problems:  # every mistake in the arms, budget, preset and --set at once, before anything starts
+        return report("sparsegen ablation", AblationError("; ".join(problems)), args)
     try:
-        prepare(settings)  # bad arms, budget, preset or --set: before anything starts
+        plan = prepare(settings)
+        check_command(tracking_uri=args.tracking_uri or plan["base"].run.tracking_uri
+                      or os.environ.get("MLFLOW_TRACKING_URI"),
+                      address=args.address or os.environ.get("RAY_ADDRESS"), data=args.data)
         from pipeline.tuning.ablation import run_ablation as run
 
         summary = run(settings)
-    except (AblationError, DataError) as exc:
-        print(f"sparsegen ablation: {exc}", file=sys.stderr)
-        return 2
+    except (AblationError, DataError, PreflightError) as exc:
+        return report("sparsegen ablation", exc, args)
     except ConfigError as exc:
-        print(f"sparsegen ablation: invalid configuration: {'; '.join(exc.problems)}", file=sys.stderr)
-        return 2
+        return report("sparsegen ablation", AblationError(f"invalid configuration: {'; '.join(exc.problems)}"), args)
     if summary["failed"]:
         for arm, error in summary["failed"].items():
             last = (error.strip().splitlines() or ["?"])[-1]

@@ -23,7 +23,13 @@ def _parse_env(pairs: list[str]) -> dict[str, str]:
 def _cmd_submit(args: argparse.Namespace) -> int:
     prog = f"sparsegen submit {args.kind}"
 
-    def fail(message: str, code: int = 2) -> int:
+    def fail(message: str, code: int = 2, exc: BaseException | None = None) -> int:
+        from pipeline.preflight import debug_enabled
+
+        if exc is not None and debug_enabled(args):
+            import traceback
+
+            traceback.print_exception(exc, file=sys.stderr)
         if args.json:
             print(json.dumps({"ok": False, "error": message}))
         print(f"{prog}: error: {message}", file=sys.stderr)
@@ -35,10 +41,24 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     try:
         env = _parse_env(args.env)
     except ValueError as exc:
-        return fail(str(exc))
-
+        return fail(str(exc), exc=exc)
     from pipeline.distributed import submit
+    from pipeline.preflight import PreflightError, check_job_api
 
+    problems, address = [], None
+    try:
+        address = submit.resolve_address(args.address)
+    except submit.SubmitError as exc:
+        problems.append(str(exc))
+    problem = entry_problems(args.kind, entry_args)
+    if problem:  # a config mistake fails here, not minutes later on the cluster
+        problems.append(problem)
+    if problems:
+        return fail("; ".join(problems))
+    try:
+        check_job_api(address)
+    except PreflightError as exc:
+        return fail(str(exc), exc=exc)
     try:
         result = submit.submit_job(
             args.address, entry_args, args.kind, wait=not args.no_wait, env=env,
@@ -50,7 +70,7 @@ def _cmd_submit(args: argparse.Namespace) -> int:
             log_stream=sys.stderr if args.json else sys.stdout,
         )
     except submit.SubmitError as exc:
-        return fail(str(exc))
+        return fail(str(exc), exc=exc)
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; the job keeps running (stop it with `ray job stop <id>`)", file=sys.stderr)
         return 130
@@ -63,6 +83,46 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     if args.no_wait:
         return 0
     return 0 if result["succeeded"] else 1
+
+
+def entry_problems(kind: str, entry_args: list[str]) -> str | None:
+    """The mistakes in the `sparsegen train|tune` arguments of a job, found before it is submitted: unknown
+    flags, and every config (or search-space) mistake at once. What only the cluster can see (its data,
+    MLflow server and Ray) is checked by the job itself, in its first seconds. None when all is well (or
+    when the arguments ask for --help, which the job prints)."""
+    import contextlib
+    import io
+
+    if any(arg in ("-h", "--help") for arg in entry_args):
+        return None
+    from pipeline.cli import build_parser
+    from pipeline.config import ConfigError, load_config
+
+    errors = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(errors):
+            parsed = build_parser().parse_args([kind, *entry_args])
+    except SystemExit:
+        lines = errors.getvalue().strip().splitlines() or ["invalid arguments"]
+        return f"the {kind} arguments after --: {lines[-1].split(': error: ', 1)[-1]}"
+    try:
+        if kind == "train":
+            from pipeline.cli.train import apply_cli_options
+
+            apply_cli_options(load_config(parsed.config or parsed.preset or "paper64", parsed.overrides), parsed)
+        else:
+            from pipeline.cli.tune import settings_from_args
+            from pipeline.tuning.search import prepare
+            from pipeline.tuning.space import SpaceError
+
+            try:
+                with contextlib.redirect_stdout(io.StringIO()):
+                    prepare(settings_from_args(parsed))
+            except SpaceError as exc:
+                return f"the tune arguments after --: invalid search space {exc.source}: {'; '.join(exc.problems)}"
+    except ConfigError as exc:
+        return f"the {kind} arguments after --: invalid configuration: {'; '.join(exc.problems)}"
+    return None
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

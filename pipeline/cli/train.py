@@ -100,7 +100,7 @@ def run_train(args: argparse.Namespace) -> int:
     try:
         cfg = apply_cli_options(cfg, args)
     except ConfigError as exc:
-        print(f"sparsegen: {exc}", file=sys.stderr)
+        print(f"sparsegen train: error: {exc}", file=sys.stderr)
         return 2
     if args.dry_run:
         from pipeline.model import describe_layers
@@ -110,15 +110,20 @@ def run_train(args: argparse.Namespace) -> int:
             _print_layers(report["layers"])
         print(json.dumps(report))
         return 0
+    import os
+
     from pipeline.data.errors import DataError
     from pipeline.distributed.trainer import TrainingError, train
-    from pipeline.preflight import PreflightError
+    from pipeline.preflight import PreflightError, check_command, report
 
     try:
+        # Data, storage, MLflow and Ray at once, within seconds, before anything starts.
+        check_command(tracking_uri=cfg.run.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"),
+                      address=args.address or os.environ.get("RAY_ADDRESS"), data=cfg.data.url,
+                      data_option="--data" if args.data else "data.url", storage=cfg.run.storage)
         result = train(cfg, address=args.address, resume_from=args.resume_from, workdir=args.workdir)
     except (PreflightError, DataError, ConfigError) as exc:  # the user's input: one line naming the fix
-        print(f"sparsegen train: error: {exc}", file=sys.stderr)
-        return 2
+        return report("sparsegen train", exc, args)
     except TrainingError as exc:
         print(f"sparsegen: {exc}", file=sys.stderr)
         return 1

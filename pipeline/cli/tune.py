@@ -72,6 +72,8 @@ def settings_from_args(args: argparse.Namespace):
 
 def run_tune(args: argparse.Namespace) -> int:
     from pipeline.config import ConfigError
+    from pipeline.data.errors import DataError
+    from pipeline.preflight import PreflightError, report
     from pipeline.tuning.space import SpaceError
 
     settings = settings_from_args(args)
@@ -94,17 +96,36 @@ def run_tune(args: argparse.Namespace) -> int:
                     print(f"  {key:<34} {text}")
             print(json.dumps(plan, default=str))
             return 0
-        from pipeline.tuning.search import run_search
+        from pipeline.tuning.search import SearchError, prepare, run_search
 
+        import contextlib
+        import io
+
+        with contextlib.redirect_stdout(io.StringIO()):  # run_search prepares (and prints) again
+            base = prepare(settings)[1]  # config mistakes first, then data, storage, MLflow, Ray
+        _preflight(settings, base)
         summary = run_search(settings)
     except (SpaceError, ConfigError) as exc:
         print(f"sparsegen: {exc}", file=sys.stderr)
         return 2
+    except (PreflightError, DataError, SearchError) as exc:  # the user's input: one line naming the fix
+        return report("sparsegen tune", exc, args)
     if not args.json:
         _print_summary(summary)
     else:
         print(json.dumps({k: v for k, v in summary.items() if k != "best_config"}, default=str))
     return 0 if summary["trials_finished"] > 0 else 1
+
+
+def _preflight(settings, base) -> None:
+    """What the search needs from outside (pipeline.preflight), checked at once before any trial starts."""
+    import os
+
+    from pipeline.preflight import check_command
+
+    check_command(tracking_uri=settings.tracking_uri or base.run.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"),
+                  address=settings.address or os.environ.get("RAY_ADDRESS"), data=settings.data_url or base.data.url,
+                  data_option="--data" if settings.data_url else "data.url", storage=settings.storage)
 
 
 def _print_summary(summary: dict) -> None:
