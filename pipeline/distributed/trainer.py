@@ -165,10 +165,11 @@ def train(
     mlflow_checkpoints = _log_checkpoints_to_mlflow(cfg, checkpoint_uri, kept, tracking_uri, run_id)
     from pipeline.distributed.checkpoint import load_generator
 
-    trained_cfg, generator = load_generator(checkpoint_uri)  # once, for the logged model and the evaluation
+    trained_cfg, generator = load_generator(checkpoint_uri)  # for the logged model
     model_uri = _log_model(cfg, trained_cfg, generator, tracking_uri, run_id)
+    del generator
     metrics = dict(result.metrics or {})
-    metrics.update(_evaluate_at_end(cfg, trained_cfg, generator, tracking_uri, run_id, workdir_path))
+    metrics.update(_evaluate_at_end(cfg, checkpoint_uri, tracking_uri, run_id, workdir_path))
     mlflow_run.finish_run(tracking_uri, run_id, "FINISHED")
     return {"run_id": run_id, "name": cfg.run.name, "checkpoint": checkpoint_uri, "metrics": metrics,
             "tracking_uri": tracking_uri, "resumed": resuming, "model_uri": model_uri,
@@ -220,24 +221,26 @@ def _log_model(cfg: Config, model_cfg: Config, generator, tracking_uri: str, run
     return model_uri
 
 
-def _evaluate_at_end(cfg: Config, eval_cfg: Config, generator, tracking_uri: str, run_id: str, workdir: Path) -> dict:
-    """The configured end-of-training evaluation (evaluation.at_end), logged into the run."""
+def _evaluate_at_end(cfg: Config, checkpoint_uri: str, tracking_uri: str, run_id: str, workdir: Path) -> dict:
+    """The configured end-of-training evaluation (evaluation.at_end) of the final checkpoint, logged into the
+    run. It runs as a Ray task with the training workers' resources (a GPU when run.gpus_per_worker > 0), not
+    in this driver (``pipeline.evaluation.orchestration.evaluate_on_ray``); its files land in
+    ``<workdir>/evaluations/<run name>`` and the run's ``evaluation/`` artifacts."""
     if not cfg.evaluation.at_end:
         return {}
-    try:
-        from pipeline.evaluation import evaluate
-    except ImportError:
-        return {}
+    from pipeline.evaluation.orchestration import evaluate_on_ray
     from pipeline.tracking import mlflow_run
 
     out_dir = workdir / "evaluations" / cfg.run.name
-    out_dir.mkdir(parents=True, exist_ok=True)
-    metrics, artifacts = evaluate(eval_cfg, generator, cfg.data.url, list(cfg.evaluation.at_end),
-                                  inception_weights=cfg.evaluation.inception_weights, out_dir=str(out_dir),
-                                  progress=False)
+    print(f"[sparsegen] evaluating {', '.join(cfg.evaluation.at_end)} of the final checkpoint as a Ray task", flush=True)
+    metrics, artifacts, where = evaluate_on_ray(cfg, checkpoint_uri, cfg.data.url, list(cfg.evaluation.at_end),
+                                                out_dir=out_dir, inception_weights=cfg.evaluation.inception_weights)
+    print(f"[sparsegen] evaluation ran on {where['device']} of node {where['hostname']} (pid {where['pid']})", flush=True)
     numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
     if numeric:
         mlflow_run.log_metrics(tracking_uri, run_id, numeric, step=0)
+    mlflow_run.set_tags(tracking_uri, run_id, {"sparsegen.evaluation.device": where["device"],
+                                               "sparsegen.evaluation.node": where["hostname"]})
     for path in artifacts.values():
         mlflow_run.log_artifact(tracking_uri, run_id, path, "evaluation")
     return numeric

@@ -335,6 +335,103 @@ def _matching(cfg, generator, data_url, layer, out, seed, progress, artifacts, l
     }
 
 
+# --- On the cluster: evaluation as a Ray task with the training workers' resources -------------------------
+
+
+def evaluation_resources(cfg, cluster_node_cpus: list[float] | None = None) -> dict[str, float]:
+    """Ray resources of the end-of-training evaluation task of a run configured by ``cfg``: what its Train
+    workers had, which fit() has just released. With ``run.gpus_per_worker > 0``: one worker's GPU share
+    and CPUs (the evaluation runs on that GPU). On CPU: the workers' CPUs together, as far as one node
+    holds them (``cluster_node_cpus``: each alive node's CPUs; a task cannot span nodes), at least one
+    worker's."""
+    per_worker = float(cfg.run.cpus_per_worker)
+    if cfg.run.gpus_per_worker > 0:
+        return {"num_cpus": per_worker, "num_gpus": float(cfg.run.gpus_per_worker)}
+    cpus = per_worker * max(1, int(cfg.run.workers))
+    if cluster_node_cpus:
+        cpus = min(cpus, max(max(cluster_node_cpus), per_worker))
+    return {"num_cpus": max(cpus, per_worker), "num_gpus": 0.0}
+
+
+def _alive_node_cpus() -> list[float]:
+    import ray
+
+    return [float(node.get("Resources", {}).get("CPU", 0.0)) for node in ray.nodes() if node.get("Alive")]
+
+
+def _evaluate_checkpoint_task(checkpoint_uri: str, data_url: str | None, metrics: list[str], kwargs: dict,
+                              num_cpus: float, num_gpus: float) -> tuple[dict[str, float], dict[str, tuple[str, bytes]], dict]:
+    """The body of the Ray task: load the generator from the checkpoint onto this worker's device, evaluate
+    into a temporary directory, return (metrics, artifact name -> (relative path, bytes), where it ran)."""
+    import os
+    import socket
+    import tempfile
+
+    from pipeline.distributed.checkpoint import load_generator
+
+    device = "cuda" if num_gpus > 0 and torch.cuda.is_available() else "cpu"
+    torch.set_num_threads(max(1, int(num_cpus)))
+    where = {"pid": os.getpid(), "hostname": socket.gethostname(), "device": device, "num_cpus": num_cpus,
+             "num_gpus": num_gpus}
+    try:
+        import ray
+
+        context = ray.get_runtime_context()
+        where["node_id"] = context.get_node_id()
+        where["assigned_resources"] = context.get_assigned_resources()
+    except Exception:  # noqa: BLE001 - outside Ray (the in-process fallback)
+        where["node_id"] = None
+    cfg, generator = load_generator(checkpoint_uri, device=device)
+    with tempfile.TemporaryDirectory(prefix="sparsegen-eval-") as directory:
+        results, artifacts = evaluate(cfg, generator, data_url, metrics, out_dir=directory, **kwargs)
+        summary = Path(artifacts["summary"])
+        document = json.loads(summary.read_text())
+        document["ran_on"] = where
+        summary.write_text(json.dumps(document, indent=1, default=str))
+        files = {name: (str(Path(path).relative_to(directory)) if Path(path).is_relative_to(directory)
+                        else Path(path).name, Path(path).read_bytes())
+                 for name, path in artifacts.items() if Path(path).is_file()}
+    return {k: float(v) for k, v in results.items()}, files, where
+
+
+def evaluate_on_ray(cfg, checkpoint_uri: str, data_url: str | None, metrics: list[str], *, out_dir: str | Path,
+                    **kwargs) -> tuple[dict[str, float], dict[str, str], dict]:
+    """``evaluate`` of the generator in ``checkpoint_uri`` as a Ray task with ``evaluation_resources(cfg)``
+    (a GPU when ``run.gpus_per_worker > 0``), not in the calling process: the driver of a run sits on a CPU
+    node. The checkpoint and the data are read where the task runs (as the Train workers read them); the
+    artifact files come back and are written under ``out_dir``. Returns (metrics, artifact name -> local
+    path, where it ran: node_id, hostname, pid, device). Without a running Ray it evaluates in-process.
+
+    The task escapes the caller's placement group (``scheduling_strategy="DEFAULT"``): inside a Tune trial
+    the trial's bundle holds only its driver's CPUs, the workers' ones come free when fit() returns.
+    """
+    import ray
+
+    kwargs.setdefault("progress", False)
+    if ray.is_initialized():
+        resources = evaluation_resources(cfg, _alive_node_cpus())
+        options = {"num_cpus": resources["num_cpus"], "scheduling_strategy": "DEFAULT", "max_retries": 1,
+                   "runtime_env": {"env_vars": {"MLFLOW_DISABLE_TELEMETRY": "true",
+                                                "OMP_NUM_THREADS": str(max(1, int(resources["num_cpus"])))}}}
+        if resources["num_gpus"] > 0:
+            options["num_gpus"] = resources["num_gpus"]
+        task = ray.remote(_evaluate_checkpoint_task).options(name="sparsegen-evaluate", **options)
+        results, files, where = ray.get(task.remote(checkpoint_uri, data_url, list(metrics), kwargs,
+                                                    resources["num_cpus"], resources["num_gpus"]))
+    else:
+        results, files, where = _evaluate_checkpoint_task(checkpoint_uri, data_url, list(metrics), kwargs,
+                                                          float(cfg.run.cpus_per_worker), 0.0)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths: dict[str, str] = {}
+    for name, (relative, data) in files.items():
+        path = out / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        paths[name] = str(path)
+    return results, paths, where
+
+
 # --- MLflow -----------------------------------------------------------------------------------------------
 
 def _client(tracking_uri: str | None):
