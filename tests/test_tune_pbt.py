@@ -93,22 +93,40 @@ def test_pbt_restart_plans(tmp_path):
     pointer = {"train_checkpoint": str(donor_run / "checkpoint_a"), "train_run_dir": str(donor_run),
                "train_run": "s-donor", "trial_id": "donor", "step": 4, "epoch": 0.5}
 
-    assert plan_start(None, "me", "s-me", {}, str(storage))["train_run"] == "s-me"
+    assert plan_start(None, "me", "s-me", {}, str(storage)).train_run == "s-me"
     own = plan_start({**pointer, "trial_id": "me", "train_run": "s-me-pbt1"}, "me", "s-me", {}, str(storage))
-    assert own["train_run"] == "s-me-pbt1" and own["donor"] is None
+    assert own.train_run == "s-me-pbt1" and own.donor is None
 
     plan = plan_start(pointer, "me", "s-me", {"langevin.step_size": 0.3}, str(storage), max_steps=12)
-    assert plan["train_run"].startswith("s-me-pbt") and plan["donor"] == "donor" and plan["seed_step"] == 4
-    assert (Path(plan["resume_from"]) / STATE_FILE).read_text() == STATE_FILE
+    assert plan.train_run.startswith("s-me-pbt") and plan.donor == "donor" and plan.seed_step == 4
+    assert (Path(plan.resume_from) / STATE_FILE).read_text() == STATE_FILE
     # The same exploit again (a restored search) finds the same run; another config makes another run.
     assert plan_start(pointer, "me", "s-me", {"langevin.step_size": 0.3}, str(storage), 12) == plan
-    assert plan_start(pointer, "me", "s-me", {"langevin.step_size": 0.1}, str(storage), 12)["train_run"] != plan["train_run"]
+    assert plan_start(pointer, "me", "s-me", {"langevin.step_size": 0.1}, str(storage), 12).train_run != plan.train_run
 
     gone = {**pointer, "train_checkpoint": str(donor_run / "checkpoint_gone")}
     fallback = plan_start(gone, "other", "s-other", {}, str(storage), max_steps=12)
-    assert fallback["seed_step"] == 8  # the newest before step 12 (a run ending there has nothing left after 12)
+    assert fallback.seed_step == 8  # the newest before step 12 (a run ending there has nothing left after 12)
     with pytest.raises(NothingToExploit):
         plan_start(gone, "third", "s-third", {}, str(storage), max_steps=4)
+
+
+def test_pbt_scheduler_never_perturbs_at_the_final_result():
+    """PBT's clock is PBT_TIME_KEY, which only relayed Train reports carry: the final result (end-of-training
+    metrics, FINAL_KEY) is no perturbation point, so PBT cannot restart a finished trial."""
+    from ray.tune.schedulers import PopulationBasedTraining, TrialScheduler
+
+    from pipeline.tuning.pbt import PBT_TIME_KEY, make_scheduler
+    from pipeline.tuning.settings import FINAL_KEY, SchedulerOptions
+    from pipeline.tuning.space import parse_space
+
+    space = parse_space({"parameters": {"langevin.step_size": {"loguniform": [0.05, 0.5]}}})
+    scheduler = make_scheduler(SchedulerOptions("pbt", "reconstruction_mse", "min", {"perturbation_interval": 1}), space)
+    assert isinstance(scheduler, PopulationBasedTraining)
+    final = {FINAL_KEY: 1.0, "reconstruction_mse": 0.01, "training_iteration": 99, "step": 24}
+    # No controller, no trial state needed: a result without the clock is answered before either is read.
+    assert scheduler.on_trial_result(None, None, final) == TrialScheduler.CONTINUE
+    assert PBT_TIME_KEY not in final
 
 
 PBT_SPACE = {

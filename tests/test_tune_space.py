@@ -75,7 +75,8 @@ def test_pareto_front_and_best():
 def test_search_report_into_mlflow(tmp_path):
     """The parent run of a two-objective search gets the trials table, Pareto table and plots."""
     from pipeline.tracking import mlflow_run
-    from pipeline.tuning.search import SearchSettings, log_summary, summarize
+    from pipeline.tuning.search import log_summary, summarize
+    from pipeline.tuning.settings import SchedulerOptions, SearchPlan, SearchSettings, TrialSetup
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     parent, _ = mlflow_run.get_or_create_run(uri, "exp", "srch", {"search.name": "srch"}, artifact_root=str(tmp_path / "art"))
@@ -87,13 +88,14 @@ def test_search_report_into_mlflow(tmp_path):
               for i, (s, st, k, a, b) in enumerate([("finished", 3, 8, 0.2, 0.5), ("finished", 5, 0.25, 0.1, 0.4),
                                                    ("finished", 5, 8, 0.3, 0.3), ("stopped", 3, 0.25, 0.9, 0.1)])]
     settings = SearchSettings(name="srch", space="x")
-    setup = {"preset": "tiny", "overrides": {}, "data_url": "/nowhere", "experiment": "exp", "tracking_uri": uri,
-             "storage": str(tmp_path / "runs")}
-    resolved = {"search": "optuna", "scheduler": {"kind": "asha"}}
-    summary = summarize(trials, space, settings, resolved, setup, parent, uri, tmp_path)
+    setup = TrialSetup(preset="tiny", overrides={}, data_url="/nowhere", workdir=str(tmp_path), tracking_uri=uri,
+                       experiment="exp", storage=str(tmp_path / "runs"), search_name="srch", parent_run_id=parent)
+    plan = SearchPlan(search="optuna", scheduler=SchedulerOptions("asha"), trials=4, per_trial_cpus=1.5,
+                      max_concurrent=None, overrides={})
+    summary = summarize(trials, space, settings, plan, setup, tmp_path)
     assert [p["trial_id"] for p in summary["pareto"]] == ["t1", "t0"]
     summary["duration_s"] = 1.0
-    log_summary(summary, trials, space, settings, uri, parent)
+    log_summary(summary, trials, space, setup)
     client = mlflow_run.client(uri)
     names = {a.path for a in client.list_artifacts(parent)} | {a.path for a in client.list_artifacts(parent, "plots")}
     assert {"trials.csv", "pareto.csv", "summary.json", "plots/pareto.png",

@@ -48,6 +48,9 @@ def register(subparsers) -> None:
     tune.add_argument("--storage", default=None, metavar="PATH|s3://BUCKET/PREFIX",
                       help="trial checkpoints (<storage>/runs) and Tune state (<storage>/tune): a path every node "
                            "of the cluster shares, or s3:// (default: the --workdir, on one machine only)")
+    tune.add_argument("--max-failures", type=int, default=None, metavar="N",
+                      help="restarts of a failed trial (a lost node, a crashed worker or driver), each from the "
+                           "trial's latest checkpoint (default: 1; 0: a failed trial stays failed)")
     tune.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or a local sqlite store)")
     tune.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray)")
     tune.add_argument("--check", action="store_true", help="validate the space and the config, print the plan, exit")
@@ -58,7 +61,7 @@ def register(subparsers) -> None:
 def settings_from_args(args: argparse.Namespace):
     import time
 
-    from pipeline.tuning.search import SearchSettings
+    from pipeline.tuning.settings import SearchSettings
 
     split = lambda text: [v.strip() for v in text.split(",") if v.strip()] if text else None  # noqa: E731
     name = args.name or f"search-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -66,7 +69,7 @@ def settings_from_args(args: argparse.Namespace):
         name=name, space=args.space, preset=args.preset, overrides=list(args.overrides), data_url=args.data,
         workdir=args.workdir, storage=args.storage, tracking_uri=args.tracking_uri, address=args.address, trials=args.trials,
         max_concurrent=args.max_concurrent, scheduler=args.scheduler, search=args.search,
-        metric=split(args.metric), mode=split(args.mode), seed=args.seed,
+        metric=split(args.metric), mode=split(args.mode), seed=args.seed, max_failures=args.max_failures,
     )
 
 
@@ -81,15 +84,19 @@ def run_tune(args: argparse.Namespace) -> int:
         if value is not None and value < 1:
             print(f"sparsegen: {flag} must be >= 1, got {value}", file=sys.stderr)
             return 2
+    if args.max_failures is not None and args.max_failures < 0:
+        print(f"sparsegen: --max-failures must be >= 0, got {args.max_failures}", file=sys.stderr)
+        return 2
     try:
         if args.check:
             from pipeline.tuning.search import prepare
 
             space, base, resolved = prepare(settings)
             plan = {"name": settings.name, "space": space.source, "parameters": {p.key: p.describe() for p in space.parameters},
-                    "metric": space.metric, "mode": space.mode, "search": resolved["search"],
-                    "scheduler": resolved["scheduler"], "trials": resolved["trials"],
-                    "max_concurrent": resolved["max_concurrent"], "overrides": resolved["overrides"]}
+                    "metric": space.metric, "mode": space.mode, "search": resolved.search,
+                    "scheduler": resolved.scheduler.to_dict(), "trials": resolved.trials,
+                    "max_concurrent": resolved.max_concurrent, "max_failures": resolved.max_failures,
+                    "overrides": resolved.overrides}
             if not args.json:
                 print(f"search space {space.source} is valid:")
                 for key, text in plan["parameters"].items():

@@ -6,7 +6,7 @@
    finds the data (shards, a folder of images ingested once, or the built-in demo data);
 2. creates the ablation's parent MLflow run;
 3. fits a Ray Tune grid over the arms (``tune.grid_search``), each trial a full Ray Train run
-   (``pipeline.distributed.trainer.train`` with ``TuneReportCallback``, as a search's trials) whose MLflow run
+   (``pipeline.distributed.trainer.train`` with the report relay, as a search's trials) whose MLflow run
    ``<name>-<arm>`` is a nested child of the parent. Every arm has the same seed (``training.seed``), data and
    budget (``training.max_steps``); up to ``max_concurrent`` arms train at once;
 4. in each trial, after training: evaluates the trained generator and — once per sparsity pattern — its
@@ -30,6 +30,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from pipeline.tuning import runs
+from pipeline.tuning.settings import FINAL_KEY, TrialSetup, parse_overrides
 
 # The default training budget of every arm per preset (``--max-steps``). None: the preset's own budget
 # (``training.epochs``). The lead sets the measured figure for tiny; nothing else reads this table.
@@ -58,6 +61,17 @@ BASIS_UNITS_PER_LATENT, BASIS_LATENTS = 8, 2  # basis functions per arm in the P
 
 class AblationError(ValueError):
     """Bad input to the ablation (an unknown arm, a bad budget, an existing name): one line, exit 2."""
+
+
+@dataclass
+class ArmSetup:
+    """What every arm's Tune trial needs besides its arm name (pickled into each trial)."""
+
+    trial: TrialSetup  # trial.search_name is the ablation's name
+    arm_overrides: dict[str, dict[str, Any]]
+    metrics: list[str]
+    untrained_owner: dict[str, str]
+    eval_threads: int
 
 
 @dataclass
@@ -161,7 +175,7 @@ def prepare(settings: AblationSettings) -> dict:
                         ("--max-concurrent", settings.max_concurrent)):
         if value is not None and value < 1:
             raise AblationError(f"{flag} must be >= 1, got {value}")
-    overrides = _overrides_dict(settings.overrides)
+    overrides = parse_overrides(settings.overrides)
     base = load_config(settings.preset, overrides)  # ConfigError on a bad preset or --set
     max_steps = settings.max_steps if settings.max_steps is not None else default_max_steps(settings.preset)
     common = dict(overrides)
@@ -188,7 +202,7 @@ def prepare(settings: AblationSettings) -> dict:
 def resolve_data(settings: AblationSettings, base, workdir: Path) -> tuple[str, Any]:
     """(shards URL, DatasetInfo): the given shards, a folder of images ingested once, or the demo data."""
     from pipeline.data import DataError, open_dataset, storage
-    from pipeline.distributed.trainer import ensure_demo_data, ensure_shards
+    from pipeline.runtime import ensure_demo_data, ensure_shards
 
     url = settings.data_url or base.data.url
     if url is None:
@@ -220,9 +234,8 @@ def run_ablation(settings: AblationSettings) -> dict:
     from ray import tune
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    from pipeline.distributed.trainer import init_ray, resolve_workdir
+    from pipeline.runtime import init_ray, resolve_workdir
     from pipeline.tracking import mlflow_run
-    from pipeline.tuning.trial import KIND_TAG, SEARCH_TAG
 
     started = time.monotonic()
     plan = prepare(settings)
@@ -243,12 +256,12 @@ def run_ablation(settings: AblationSettings) -> dict:
         "ablation.max_steps": plan["max_steps"], "ablation.epochs": plan["epochs"],
         "ablation.workers": plan["workers"], "ablation.seed": plan["seed"], "ablation.metrics": ",".join(metrics),
         "ablation.data": data_url, "data.num_train": info.num_train, "data.num_holdout": info.num_holdout,
-        **{f"set.{k}": v for k, v in _overrides_dict(settings.overrides).items()},
+        **{f"set.{k}": v for k, v in parse_overrides(settings.overrides).items()},
     }
-    parent_id, _ = mlflow_run.get_or_create_run(
-        tracking_uri, experiment, settings.name, parent_params, artifact_root=str(workdir / "mlartifacts"),
-        tags={KIND_TAG: "ablation", SEARCH_TAG: settings.name, ABLATION_TAG: settings.name,
-              "sparsegen.preset": settings.preset})
+    parent_id, _ = runs.open_parent_run(
+        tracking_uri, experiment, settings.name, parent_params, kind="ablation",
+        artifact_root=str(workdir / "mlartifacts"),
+        tags={ABLATION_TAG: settings.name, "sparsegen.preset": settings.preset})
     budget = f"{plan['max_steps']} steps" if plan["max_steps"] else f"{plan['epochs']:g} epochs"
     print(f"[sparsegen] ablation '{settings.name}': arms {', '.join(arms)}, {budget} each, seed {plan['seed']}, "
           f"parent MLflow run {parent_id} at {tracking_uri}", flush=True)
@@ -270,12 +283,12 @@ def run_ablation(settings: AblationSettings) -> dict:
     print(f"[sparsegen] training {len(arms)} arm(s), {max_concurrent} at a time, {plan['workers']} Ray Train "
           f"worker(s) each; then evaluating {', '.join(metrics)} of each trained arm and of "
           f"{len(plan['untrained_owner'])} untrained initialisation(s)", flush=True)
-    setup = {
-        "preset": settings.preset, "data_url": data_url, "workdir": str(workdir), "tracking_uri": tracking_uri,
-        "experiment": experiment, "storage": str(workdir / "runs"), "ablation": settings.name,
-        "parent_run_id": parent_id, "overrides": {}, "arm_overrides": plan["overrides"], "metrics": metrics,
-        "untrained_owner": plan["untrained_owner"], "eval_threads": eval_threads,
-    }
+    setup = ArmSetup(
+        trial=TrialSetup(preset=settings.preset, overrides={}, data_url=data_url, workdir=str(workdir),
+                         tracking_uri=tracking_uri, experiment=experiment, storage=str(workdir / "runs"),
+                         search_name=settings.name, parent_run_id=parent_id),
+        arm_overrides=plan["overrides"], metrics=metrics, untrained_owner=plan["untrained_owner"],
+        eval_threads=eval_threads)
     trainable = tune.with_resources(tune.with_parameters(run_arm, setup=setup), {"CPU": TRIAL_DRIVER_CPUS})
     tuner = tune.Tuner(
         trainable,
@@ -289,7 +302,7 @@ def run_ablation(settings: AblationSettings) -> dict:
     results = tuner.fit()
     trained, untrained, failures, children, checkpoints = _collect(results, arms)
     for arm, error in failures.items():
-        _mark_failed(tracking_uri, experiment, f"{settings.name}-{arm}", error)
+        runs.mark_failed_by_name(tracking_uri, experiment, f"{settings.name}-{arm}", error)
 
     layer = plan["layer"]
     ratios = compute_ratios(trained, untrained, layer)
@@ -312,73 +325,75 @@ def run_ablation(settings: AblationSettings) -> dict:
     return summary
 
 
-def run_arm(config: dict, setup: dict) -> None:
+def run_arm(config: dict, setup: ArmSetup) -> None:
     """The Tune trainable of one arm (a Train driver, as ``pipeline.tuning.trial.run_trial``): train, then
     evaluate the trained generator and (when this arm owns it) the untrained initialisation."""
     import ray.tune
     import torch
-    from ray.train._internal.session import get_session
-    from ray.tune.integration.ray_train import TuneReportCallback
 
     from pipeline.distributed.checkpoint import load_generator
     from pipeline.distributed.trainer import train
     from pipeline.evaluation.orchestration import log_to_mlflow
-    from pipeline.tracking import mlflow_run
-    from pipeline.tuning.trial import (FINAL_KEY, KIND_TAG, SEARCH_TAG, STATUS_TAG, TRIAL_TAG,
-                                       _wait_until_reports_delivered, trial_config)
+    from pipeline.tuning.relay import ReportRelay
+    from pipeline.tuning.trial import trial_config
 
     arm = config["arm"]
+    name = setup.trial.search_name
     trial_id = ray.tune.get_context().get_trial_id()
-    cfg = trial_config(setup, setup["arm_overrides"][arm])
-    cfg.run.name = f"{setup['ablation']}-{arm}"
-    tags = {TRIAL_TAG: trial_id, SEARCH_TAG: setup["ablation"], ABLATION_TAG: setup["ablation"], ARM_TAG: arm,
-            STATUS_TAG: "running", KIND_TAG: "ablation-arm"}
-    result = train(cfg, workdir=setup["workdir"], parent_run_id=setup["parent_run_id"],
-                   callbacks=[TuneReportCallback()], extra_tags=tags)
-    run_id, tracking_uri = result["run_id"], setup["tracking_uri"]
-    # At the last training step, so these (not the loop's holdout_mse_pm1 on one batch) are the run's latest.
-    step = int(result["metrics"].get("step", 0))
+    cfg = trial_config(setup.trial, setup.arm_overrides[arm])
+    cfg.run.name = f"{name}-{arm}"
+    tags = {runs.TRIAL_TAG: trial_id, runs.SEARCH_TAG: name, ABLATION_TAG: name, ARM_TAG: arm,
+            runs.STATUS_TAG: "running", runs.KIND_TAG: "ablation-arm"}
+    relay = ReportRelay()
+    try:
+        result = train(cfg, workdir=setup.trial.workdir, parent_run_id=setup.trial.parent_run_id,
+                       callbacks=[relay.callback()], extra_tags=tags)
+        run_id, tracking_uri = result["run_id"], setup.trial.tracking_uri
+        # At the last training step, so these (not the loop's holdout_mse_pm1 on one batch) are the run's latest.
+        step = int(result["metrics"].get("step", 0))
 
-    torch.set_num_threads(setup["eval_threads"])
-    out = Path(setup["workdir"]) / "ablations" / setup["ablation"] / arm
-    print(f"[sparsegen] arm {arm}: trained to step {step}; evaluating "
-          f"{', '.join(setup['metrics'])}", flush=True)
-    eval_cfg, generator = load_generator(result["checkpoint"])
-    trained, artifacts = _evaluate(eval_cfg, generator, setup, out / "trained")
-    log_to_mlflow(run_id, trained, artifacts, tracking_uri=tracking_uri, step=step)
-    report = {"arm": arm, "run_id": run_id, "checkpoint": result["checkpoint"], "trained": trained}
-    if setup["untrained_owner"].get(pattern_of(arm)) == arm:
-        print(f"[sparsegen] arm {arm}: evaluating its untrained initialisation (seed {cfg.training.seed})", flush=True)
-        untrained, artifacts = _evaluate(cfg, initial_generator(cfg), setup, out / "untrained")
-        log_to_mlflow(run_id, {f"{UNTRAINED}_{k}": v for k, v in untrained.items()}, artifacts,
-                      tracking_uri=tracking_uri, artifact_path="evaluation-untrained", step=step)
-        report["untrained"] = untrained
-    mlflow_run.set_tags(tracking_uri, run_id, {STATUS_TAG: "finished"})
-    _wait_until_reports_delivered(get_session())
-    ray.tune.report({FINAL_KEY: 1.0, "mlflow_run_id": run_id, RESULT_KEY: json.dumps(report)})
+        torch.set_num_threads(setup.eval_threads)
+        out = Path(setup.trial.workdir) / "ablations" / name / arm
+        print(f"[sparsegen] arm {arm}: trained to step {step}; evaluating "
+              f"{', '.join(setup.metrics)}", flush=True)
+        eval_cfg, generator = load_generator(result["checkpoint"])
+        trained, artifacts = _evaluate(eval_cfg, generator, setup, out / "trained")
+        log_to_mlflow(run_id, trained, artifacts, tracking_uri=tracking_uri, step=step)
+        report = {"arm": arm, "run_id": run_id, "checkpoint": result["checkpoint"], "trained": trained}
+        if setup.untrained_owner.get(pattern_of(arm)) == arm:
+            print(f"[sparsegen] arm {arm}: evaluating its untrained initialisation (seed {cfg.training.seed})", flush=True)
+            untrained, artifacts = _evaluate(cfg, initial_generator(cfg), setup, out / "untrained")
+            log_to_mlflow(run_id, {f"{UNTRAINED}_{k}": v for k, v in untrained.items()}, artifacts,
+                          tracking_uri=tracking_uri, artifact_path="evaluation-untrained", step=step)
+            report["untrained"] = untrained
+    except BaseException:
+        relay.close()
+        raise
+    runs.mark_finished(tracking_uri, run_id)
+    relay.finish({FINAL_KEY: 1.0, "mlflow_run_id": run_id, RESULT_KEY: json.dumps(report)})
 
 
-def _evaluate(cfg, generator, setup: dict, out: Path) -> tuple[dict[str, float], dict[str, str]]:
+def _evaluate(cfg, generator, setup: ArmSetup, out: Path) -> tuple[dict[str, float], dict[str, str]]:
     from pipeline.evaluation.orchestration import evaluate
 
-    results, artifacts = evaluate(cfg, generator, setup["data_url"], setup["metrics"], out_dir=str(out),
+    results, artifacts = evaluate(cfg, generator, setup.trial.data_url, setup.metrics, out_dir=str(out),
                                   progress=False, seed=0)
     return {k: float(v) for k, v in results.items()}, artifacts
 
 
 def _collect(results, arms: list[str]):
-    """Per arm: trained metrics, failures, child run ids, checkpoints; untrained metrics per pattern."""
-    analysis = getattr(results, "_experiment_analysis", None)
+    """Per arm: trained metrics, failures, child run ids, checkpoints; untrained metrics per pattern (from
+    Tune's ``ResultGrid``: each ``Result``'s config, last metrics and error)."""
     trained: dict[str, dict] = {}
     untrained: dict[str, dict] = {}
     failures: dict[str, str] = {}
     children: dict[str, str] = {}
     checkpoints: dict[str, str] = {}
-    for trial in (list(analysis.trials) if analysis is not None else []):
-        arm = trial.config.get("arm")
-        last = dict(trial.last_result or {})
+    for result in results:
+        arm = (result.config or {}).get("arm")
+        last = dict(result.metrics or {})
         if RESULT_KEY not in last:
-            failures[arm] = _trial_error(trial)
+            failures[arm] = _trial_error(result)
             continue
         report = json.loads(last[RESULT_KEY])
         trained[arm] = report["trained"]
@@ -395,25 +410,11 @@ def _collect(results, arms: list[str]):
     return trained, untrained, failures, children, checkpoints
 
 
-def _trial_error(trial) -> str:
-    path = getattr(trial, "error_file", None)
-    try:
-        if path and os.path.exists(path):
-            return Path(path).read_text()[-2000:]
-    except OSError:
-        pass
-    return f"trial {trial.trial_id} ended {trial.status} without a result"
-
-
-def _mark_failed(tracking_uri: str, experiment: str, run_name: str, error: str) -> None:
-    from pipeline.tuning.search import find_child_run, mark_run
-
-    try:
-        run = find_child_run(tracking_uri, experiment, run_name)
-        if run is not None:
-            mark_run(tracking_uri, run.info.run_id, "failed", error=error)
-    except Exception as exc:  # noqa: BLE001 - bookkeeping must not hide the failure itself
-        print(f"[sparsegen] could not mark {run_name} as failed in MLflow: {exc}", flush=True)
+def _trial_error(result) -> str:
+    text = str(result.error) if result.error is not None else ""
+    if text.strip():
+        return text[-2000:]
+    return f"trial {(result.metrics or {}).get('trial_id')} ended without a result"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -560,9 +561,3 @@ def log_summary(summary: dict, png: Path | None, out: Path) -> None:
     mlflow_run.finish_run(tracking_uri, parent_id, "FAILED" if summary["failed"] else "FINISHED")
     summary["artifacts"] = {"table_json": str(out / "ablation.json"), "table_md": str(out / "ablation.md"),
                             **({"basis_png": str(png)} if png else {})}
-
-
-def _overrides_dict(overrides):
-    from pipeline.tuning.search import _overrides_dict as parse
-
-    return parse(overrides)

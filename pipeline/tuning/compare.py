@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from pipeline.tuning.trial import KIND_TAG, SEARCH_TAG, STATUS_TAG, TRIAL_TAG
+from pipeline.tuning.runs import KIND_TAG, SEARCH_TAG, STATUS_TAG, TRIAL_TAG
 
 # Metrics shown first when --metrics is not given (when the runs have them).
 PREFERRED_METRICS = ("holdout_mse_pm1", "holdout_mse_01", "fid", "reconstruction_mse", "langevin_mse", "step")

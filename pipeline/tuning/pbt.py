@@ -3,15 +3,19 @@
 PBT exploits by restarting a weak trial from a strong trial's *Tune* checkpoint with perturbed
 hyperparameters. Trials are Ray Train drivers, so the pieces are:
 
-* **Every Train checkpoint becomes a Tune checkpoint.** ``TuneCheckpointCallback`` (a Ray Train
-  ``UserCallback``, run in the Train controller) hands each report's metrics and Train checkpoint path to
-  the trial process through a one-slot Ray queue; ``CheckpointPump`` (a thread of the trial process) turns
-  each into ``ray.tune.report(metrics, checkpoint=...)`` whose checkpoint is a tiny directory holding a
-  pointer file (``POINTER_FILE``: the Train checkpoint's URI, its Train run, the trial). The weights stay
-  where Ray Train wrote them; nothing is copied at every checkpoint. The run's last checkpoint (its last
-  step) is reported without a Tune checkpoint: a trial exploiting it would have nothing left to train.
-* **A restarted trial starts from the pointer** (``plan_start``). Its own pointer (a paused trial, or a
-  restored search) continues its own Train run (Ray Train resumes that run's latest checkpoint). Another
+* **Every Train checkpoint becomes a Tune checkpoint.** The trial's report relay
+  (``pipeline.tuning.relay``: a public ``ray.train.UserCallback`` in the Train controller, a queue, a thread
+  of the trial process) hands each Train report to ``PointerReporter``, which reports it as
+  ``ray.tune.report(metrics, checkpoint=...)`` whose checkpoint is a tiny directory holding a pointer file
+  (``POINTER_FILE``: the Train checkpoint's URI, its Train run, the trial). The weights stay where Ray Train
+  wrote them; nothing is copied at every checkpoint. The run's last checkpoint (its last step) is reported
+  without a Tune checkpoint: a trial exploiting it would have nothing left to train.
+* **PBT's clock counts Train checkpoints.** Each relayed report carries ``PBT_TIME_KEY`` (the step in units
+  of ``run.checkpoint_every_steps``), PBT's ``time_attr``; the trial's final result (end-of-training metrics)
+  carries none, so PBT never takes it for a perturbation point (results without ``time_attr`` are none:
+  ``require_attrs=False``) and never restarts a finished trial.
+* **A restarted trial starts from the pointer** (``plan_start``). Its own pointer (a trial restarted after a
+  failure, or a restored search) continues its own Train run (Ray Train resumes that run's latest checkpoint). Another
   trial's pointer (an exploit) starts a *fresh* Train run named ``<search>-<trial_id>-pbt<hash>`` (the
   hash of the donor checkpoint and the new config: the same exploit re-run after an interruption finds
   its run again; a new exploit never resumes an old run) from a private copy of the donor's checkpoint
@@ -20,15 +24,12 @@ hyperparameters. Trials are Ray Train drivers, so the pieces are:
   used (the newest before the trial's last step; none: the trial keeps its own Train run). With fast
   checkpoints and the default ``run.checkpoints_to_keep: 2`` that fallback is the rule, not the exception.
 * **One MLflow child run per trial.** ``train()`` finds its MLflow run by the tag ``sparsegen.run_name``;
-  before a fresh Train run the trial's child run (found by its search and trial tags) is re-tagged with the
-  new Train run's name, so the trial keeps logging into its one child run. Exploits are recorded as the
-  metric ``pbt_exploits`` (count, at the step the trial continues from), ``pbt.<key>`` metrics of the numeric searched
-  values, and tags ``sparsegen.pbt_last_donor``, ``sparsegen.pbt_donor_checkpoint``, ``sparsegen.pbt_config``
-  (the trial's current searched values, JSON) and ``sparsegen.pbt_train_run``. MLflow params stay the
-  trial's initial values (params are immutable).
-* **No pausing in turns**: asynchronous PBT would pause a trial at a perturbation point whenever another
-  one waits; here trials run to the end instead (pausing kills the trial's Train run), so a population larger
-  than ``--max-concurrent`` runs in waves and exploits happen among the trials running together.
+  before a fresh Train run ``pipeline.tuning.runs.attach_pbt_start`` re-tags the trial's child run with the
+  new Train run's name and records the exploit, so the trial keeps logging into its one child run.
+* **No pausing in turns**: asynchronous PBT pauses a trial at a perturbation point whenever another one
+  waits, to share resources in turns; pausing a Train driver kills its Train run, so ``TrainRunPBT`` lets
+  it run on (the one decision it changes, through the public scheduler interface). A population larger than
+  ``--max-concurrent`` runs in waves and exploits happen among the trials running together.
 * **What may be perturbed**: any searched key except those that change parameter shapes or the latent
   bank (``SHAPE_KEYS``: copying weights between such trials cannot work); ``check_space`` refuses them
   before Ray starts. Choices mutate by shifting to a neighbouring value (or resampling); ranges by x0.8 /
@@ -42,17 +43,16 @@ import json
 import math
 import os
 import tempfile
-import threading
 from typing import Any
+
+from pipeline.tuning.settings import CHECKPOINT_PATH_KEY, SchedulerOptions, StartPlan, plain_config
 
 POINTER_FILE = "sparsegen-train-checkpoint.json"
 SEEDS_DIR = "pbt-seeds"
-EXPLOITS_METRIC = "pbt_exploits"
-DONOR_TAG = "sparsegen.pbt_last_donor"
-DONOR_CHECKPOINT_TAG = "sparsegen.pbt_donor_checkpoint"
-CONFIG_TAG = "sparsegen.pbt_config"
-TRAIN_RUN_TAG = "sparsegen.pbt_train_run"
 DEFAULT_PERTURBATION_INTERVAL = 2
+# PBT's time_attr: the Train step in units of run.checkpoint_every_steps (perturbation_interval and
+# burn_in_period count Train checkpoints). Only relayed Train reports carry it.
+PBT_TIME_KEY = "pbt_checkpoints"
 # Keys that change parameter shapes (generator or critic) or the latent bank's size: a trial cannot load
 # another trial's checkpoint when these differ.
 SHAPE_KEYS = (
@@ -60,7 +60,6 @@ SHAPE_KEYS = (
     "model.widths", "model.convs_per_block", "model.critic_widths", "model.critic_first_width",
     "model.critic_convs_per_block", "data.demo_images", "data.limit", "data.holdout_fraction",
 )
-CHECKPOINT_PATH_KEY = "checkpoint_path"  # the metric TuneReportCallback reports too
 
 
 class NothingToExploit(LookupError):
@@ -127,36 +126,42 @@ def clamp_to_space(space):
     return explore
 
 
-def make_scheduler(options: dict, space, final_key: str):
-    """``PopulationBasedTraining`` on Tune results (one per Train checkpoint), ignoring the final result."""
-    from ray.tune.schedulers import PopulationBasedTraining, TrialScheduler
+def _pbt_base():
+    from ray.tune.schedulers import PopulationBasedTraining
 
-    from ray.tune.experiment import Trial
+    return PopulationBasedTraining
 
-    class TrainCheckpointPBT(PopulationBasedTraining):
-        def on_trial_result(self, tune_controller, trial, result):
-            # The result a trial adds after training (end-of-training metrics) is no perturbation point:
-            # exploiting there would restart a finished trial.
-            if result.get(final_key):
-                return TrialScheduler.CONTINUE
-            decision = super().on_trial_result(tune_controller, trial, result)
-            if decision == TrialScheduler.PAUSE and trial.status != Trial.PAUSED and not self._synch:
-                # Asynchronous PBT pauses a trial at a perturbation point whenever another one waits
-                # (PENDING, or PAUSED while an exploit restarts it) to share resources in turns. Pausing
-                # a Train driver kills its Train run (a restart costs a worker-group start), so trials run
-                # to the end instead; waiting trials start when one finishes (size the population to
-                # --max-concurrent for every trial to take part in exploits).
-                return TrialScheduler.CONTINUE
-            return decision
 
-    return TrainCheckpointPBT(
-        time_attr="training_iteration", metric=options["metric"], mode=options["mode"],
+class TrainRunPBT(_pbt_base()):
+    """Asynchronous ``PopulationBasedTraining`` whose trials are never paused to take turns.
+
+    Asynchronous PBT answers PAUSE at a perturbation point whenever another trial waits (PENDING, or PAUSED
+    while an exploit restarts it), to share resources in turns; an exploited trial gets NOOP (PBT paused it
+    itself). Pausing a Train driver kills its Train run (a restart costs a worker-group start), so that
+    PAUSE becomes CONTINUE: trials run to the end and waiting trials start when one finishes. Everything
+    else is PBT's own, through ``TrialScheduler.on_trial_result``, the public scheduler interface."""
+
+    def __init__(self, **kwargs):
+        super().__init__(synch=False, **kwargs)
+
+    def on_trial_result(self, tune_controller, trial, result):
+        from ray.tune.schedulers import TrialScheduler
+
+        decision = super().on_trial_result(tune_controller, trial, result)
+        return TrialScheduler.CONTINUE if decision == TrialScheduler.PAUSE else decision
+
+
+def make_scheduler(options: SchedulerOptions, space) -> TrainRunPBT:
+    """PBT on the relayed Train reports (one per Train checkpoint; clock ``PBT_TIME_KEY``)."""
+    return TrainRunPBT(
+        time_attr=PBT_TIME_KEY, metric=options.metric, mode=options.mode,
         perturbation_interval=float(options.get("perturbation_interval", DEFAULT_PERTURBATION_INTERVAL)),
         burn_in_period=float(options.get("burn_in_period", 0)),
         quantile_fraction=float(options.get("quantile_fraction", 0.25)),
         resample_probability=float(options.get("resample_probability", 0.25)),
         hyperparam_mutations=mutations(space), custom_explore_fn=clamp_to_space(space),
-        # Reports of ranks other than 0 may lack holdout_mse_pm1; such results are simply no perturbation point.
+        # Results without the clock (the final one) or the metric (reports of ranks other than 0 may lack
+        # holdout_mse_pm1) are simply no perturbation point.
         require_attrs=False,
     )
 
@@ -165,85 +170,27 @@ def make_scheduler(options: dict, space, final_key: str):
 # Train -> Tune checkpoints (trial side)
 
 
-def _user_callback_base():
-    from ray.train.v2.api.callback import UserCallback
+class PointerReporter:
+    """``to_tune`` of the trial's report relay under PBT: each Train report -> ``ray.tune.report`` with
+    ``PBT_TIME_KEY`` and, unless it is the run's last step, a Tune checkpoint holding a pointer file."""
 
-    return UserCallback
-
-
-class TuneCheckpointCallback(_user_callback_base()):
-    """Runs in the Train controller: each report's rank-0 metrics and checkpoint path -> the trial's pump."""
-
-    def __init__(self, queue):
-        self._queue = queue
-
-    def after_report(self, run_context, metrics, checkpoint):
-        item = dict(metrics[0])
-        if checkpoint is not None:
-            item[CHECKPOINT_PATH_KEY] = checkpoint.path
-        self._queue.put(item)  # blocks while the trial has not taken the previous report (one slot)
-
-
-class CheckpointPump:
-    """A thread of the trial process: Train reports from ``TuneCheckpointCallback`` -> ``ray.tune.report``,
-    each Train checkpoint as a Tune checkpoint holding a pointer file."""
-
-    _STOP = "__sparsegen_stop__"
-
-    def __init__(self, trial_id: str, train_run: str, storage: str, max_steps: int | None = None,
-                 epochs: float = 0.0):
-        from ray.util.queue import Queue
-
+    def __init__(self, trial_id: str, train_run: str, storage: str, checkpoint_every_steps: int,
+                 max_steps: int | None = None, epochs: float = 0.0):
         self.trial_id, self.train_run, self.storage = trial_id, train_run, storage
+        self.checkpoint_every_steps = max(1, int(checkpoint_every_steps))
         self.max_steps, self.epochs = max_steps, epochs
-        self.queue = Queue(maxsize=1, actor_options={"num_cpus": 0})
-        self.reported = 0
-        self._thread = threading.Thread(target=self._run, name="sparsegen-checkpoint-pump", daemon=True)
-        self._thread.start()
 
-    def callback(self) -> TuneCheckpointCallback:
-        return TuneCheckpointCallback(self.queue)
-
-    def close(self, timeout_s: float | None = 300.0) -> None:
-        """After ``train()`` returned: deliver what is queued, then stop (blocks until Tune took it all)."""
-        try:
-            self.queue.put(self._STOP, timeout=timeout_s)
-        except Exception:
-            pass
-        self._thread.join(timeout_s)
-        try:
-            self.queue.shutdown()
-        except Exception:
-            pass
-
-    def _run(self) -> None:
-        from ray.util.queue import Empty
-
-        while True:
-            try:
-                item = self.queue.get(block=True, timeout=1.0)
-            except Empty:
-                continue
-            except Exception:  # the queue actor is gone: the trial is ending
-                return
-            if item == self._STOP:
-                return
-            try:
-                self._report(item)
-            except Exception as exc:  # keep draining, or the Train controller would block on its next put
-                print(f"[sparsegen] could not report a Train result to Tune: {exc!r}", flush=True)
-
-    def _report(self, metrics: dict) -> None:
+    def __call__(self, metrics: dict) -> None:
         import ray.tune
 
         path = metrics.get(CHECKPOINT_PATH_KEY)
         step, epoch = int(metrics.get("step") or 0), float(metrics.get("epoch") or 0.0)
+        metrics = {**metrics, PBT_TIME_KEY: step / self.checkpoint_every_steps}
         last = total_steps(step, epoch, self.max_steps, self.epochs)
         if not path or (last is not None and step >= last):
             # The run's last checkpoint is no Tune checkpoint: a trial exploiting it would have nothing left
             # to train (PBT skips donors without a checkpoint).
             ray.tune.report(metrics)
-            self.reported += 1
             return
         uri = ("s3://" + path.removeprefix("s3://")) if self.storage.startswith("s3://") else path
         pointer = {"train_checkpoint": uri, "train_run_dir": uri.rstrip("/").rsplit("/", 1)[0],
@@ -254,7 +201,6 @@ class CheckpointPump:
                 json.dump(pointer, handle, indent=1)
             # Persisted (copied into the trial's Tune storage) before report returns.
             ray.tune.report(metrics, checkpoint=ray.tune.Checkpoint.from_directory(directory))
-        self.reported += 1
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -274,25 +220,24 @@ def read_pointer(checkpoint) -> dict | None:
 
 
 def plan_start(pointer: dict | None, trial_id: str, base_name: str, config: dict, storage: str,
-               max_steps: int | None = None, epochs: float = 0.0) -> dict:
-    """Where a trial starts: {train_run, resume_from, donor (None unless an exploit), pointer}.
+               max_steps: int | None = None, epochs: float = 0.0) -> StartPlan:
+    """Where a trial starts (see ``StartPlan``).
 
     Raises ``NothingToExploit`` when an exploit's donor has no checkpoint before this trial's last step
     (``max_steps`` / ``epochs``: this trial's own, possibly perturbed, length)."""
     if pointer is None:
-        return {"train_run": base_name, "resume_from": None, "donor": None, "pointer": None}
+        return StartPlan(train_run=base_name)
     if pointer.get("trial_id") == trial_id:
-        # Its own checkpoint (paused by PBT, or a restored search): continue its own Train run, which
-        # Ray Train resumes from its latest checkpoint (the pointed one is the fallback).
-        return {"train_run": pointer["train_run"], "resume_from": pointer["train_checkpoint"], "donor": None,
-                "pointer": pointer}
-    digest = hashlib.sha1(json.dumps([pointer["train_checkpoint"], _plain_config(config)], sort_keys=True,
+        # Its own checkpoint (a restart after a failure, or a restored search): continue its own Train run,
+        # which Ray Train resumes from its latest checkpoint (the pointed one is the fallback).
+        return StartPlan(train_run=pointer["train_run"], resume_from=pointer["train_checkpoint"], pointer=pointer)
+    digest = hashlib.sha1(json.dumps([pointer["train_checkpoint"], plain_config(config)], sort_keys=True,
                                      default=str).encode()).hexdigest()[:8]
     train_run = f"{base_name}-pbt{digest}"
     end = total_steps(int(pointer.get("step") or 0), float(pointer.get("epoch") or 0.0), max_steps, epochs)
     seed = seed_checkpoint(pointer, storage, train_run, end)
-    return {"train_run": train_run, "resume_from": seed, "donor": pointer["trial_id"], "pointer": pointer,
-            "seed_step": _checkpoint_step(seed)}
+    return StartPlan(train_run=train_run, resume_from=seed, donor=pointer["trial_id"], pointer=pointer,
+                     seed_step=_checkpoint_step(seed))
 
 
 def _checkpoint_step(uri: str) -> int:
@@ -353,64 +298,3 @@ def newest_checkpoint(run_dir: str, before: int | None = None) -> str | None:
         if int(meta.get("step", -1)) > best_step:
             best, best_step = store.join(run_dir, name), int(meta.get("step", -1))
     return best
-
-
-# ---------------------------------------------------------------------------------------------------
-# MLflow: the trial's one child run
-
-
-def find_trial_run(tracking_uri: str, experiment: str, search_name: str, trial_id: str, run_name: str | None = None):
-    """A trial's child run, by its search and trial tags (its ``sparsegen.run_name`` changes under PBT)."""
-    from pipeline.tracking import mlflow_run
-    from pipeline.tuning.trial import SEARCH_TAG, TRIAL_TAG
-
-    client = mlflow_run.client(tracking_uri)
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        return None
-    runs = client.search_runs(
-        [exp.experiment_id], max_results=2,
-        filter_string=f"tags.`{SEARCH_TAG}` = '{search_name}' and tags.`{TRIAL_TAG}` = '{trial_id}'")
-    if runs:
-        return runs[0]
-    return mlflow_run.find_run(tracking_uri, exp.experiment_id, run_name) if run_name else None
-
-
-def current_train_run(setup: dict, trial_id: str, default: str) -> str:
-    """The Train run the trial's child run logs now (its ``sparsegen.run_name``), else ``default``."""
-    from pipeline.tracking import mlflow_run
-
-    run = find_trial_run(setup["tracking_uri"], setup["experiment"], setup["search_name"], trial_id)
-    return (run.data.tags.get(mlflow_run.RUN_NAME_TAG) if run is not None else None) or default
-
-
-def attach_mlflow_run(setup: dict, trial_id: str, plan: dict, config: dict) -> None:
-    """Point the trial's child run at this start's Train run and record an exploit (idempotently)."""
-    from pipeline.tracking import mlflow_run
-    from pipeline.tuning.trial import trial_run_name
-
-    run = find_trial_run(setup["tracking_uri"], setup["experiment"], setup["search_name"], trial_id,
-                         trial_run_name(setup["search_name"], trial_id))
-    if run is None:
-        return  # train() creates it
-    tags = run.data.tags
-    updates = {CONFIG_TAG: json.dumps(_plain_config(config), sort_keys=True, default=str)}
-    if tags.get(mlflow_run.RUN_NAME_TAG) != plan["train_run"]:
-        updates[mlflow_run.RUN_NAME_TAG] = plan["train_run"]
-    if plan["donor"] is not None and tags.get(TRAIN_RUN_TAG) != plan["train_run"]:
-        exploits = int(run.data.metrics.get(EXPLOITS_METRIC, 0)) + 1
-        step = int(plan.get("seed_step") or plan["pointer"].get("step") or 0)
-        numeric = {f"pbt.{k}": float(v) for k, v in _plain_config(config).items()
-                   if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        mlflow_run.log_metrics(setup["tracking_uri"], run.info.run_id, {EXPLOITS_METRIC: exploits, **numeric}, step)
-        updates.update({DONOR_TAG: plan["donor"], DONOR_CHECKPOINT_TAG: plan["pointer"]["train_checkpoint"],
-                        TRAIN_RUN_TAG: plan["train_run"]})
-        print(f"[sparsegen] pbt: trial {trial_id} continues from trial {plan['donor']}'s checkpoint "
-              f"(step {step}) as Train run '{plan['train_run']}' (exploit {exploits})", flush=True)
-    mlflow_run.set_tags(setup["tracking_uri"], run.info.run_id, updates)
-
-
-def _plain_config(config: dict) -> dict:
-    from pipeline.tuning.trial import plain
-
-    return {k: plain(v) for k, v in sorted(config.items())}
