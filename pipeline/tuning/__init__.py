@@ -16,5 +16,7 @@
 * ``ablation`` -- ``sparsegen ablation``: Table 4's sparse vs dense arms as a Tune grid of Train runs
 
 Imports: settings <- runs, pbt <- trial <- search, ablation (no circle). Heavy libraries (ray, mlflow,
-matplotlib) are imported inside functions, except in ``relay`` (imported by trial drivers only).
+matplotlib) are imported inside functions, except where a class subclasses a Ray class (``relay``'s Train
+callback, ``pbt``'s scheduler, ``search``'s Tune callback); ``settings``, ``runs``, ``space`` and
+``ablation`` stay cheap to import (the CLI's --help reads ``ablation``).
 """
