@@ -106,6 +106,28 @@ def test_cluster_layout_and_security():
     assert not re.search(r"AWS_SECRET_ACCESS_KEY|AKIA[0-9A-Z]{16}", text)
 
 
+def test_drivers_stay_off_spot_nodes():
+    """Train/Tune drivers die with their node: only on-demand node types advertise the driver resource that
+    Tune trial drivers ask for (pipeline/distributed/placement.py); job entrypoints run on the head."""
+    from pipeline.distributed.placement import DRIVER_RESOURCE, trial_driver_resources
+
+    config = load_cluster_config()
+    nodes = config["available_node_types"]
+    head = nodes[config["head_node_type"]]
+    assert head["resources"].get(DRIVER_RESOURCE, 0) >= 1, "the on-demand head must host drivers"
+    assert "InstanceMarketOptions" not in head["node_config"]
+    for name, node in nodes.items():
+        spot = node["node_config"].get("InstanceMarketOptions", {}).get("MarketType") == "spot"
+        if spot:
+            assert DRIVER_RESOURCE not in node.get("resources", {}), f"{name} is spot but could host drivers"
+    # What a trial driver asks for on this cluster (summed resources of its node types) and elsewhere.
+    advertised = {DRIVER_RESOURCE: float(head["resources"][DRIVER_RESOURCE]), "CPU": 0.0}
+    assert trial_driver_resources(0.5, advertised) == {"CPU": 0, DRIVER_RESOURCE: 1}
+    assert trial_driver_resources(0.5, {"CPU": 4.0}) == {"CPU": 0.5}
+    # The head's drivers are documented where users read about the cluster.
+    assert DRIVER_RESOURCE in (REPO_ROOT / "docs" / "cluster.md").read_text()
+
+
 def _dockerfile_instructions(text: str) -> list[tuple[str, str]]:
     """(INSTRUCTION, arguments) with line continuations joined and comments dropped."""
     instructions, current = [], ""
