@@ -9,9 +9,9 @@ import torch
 
 import pipeline
 from pipeline.learning import ABPLearner, LatentBank, langevin_infer
-from pipeline.learning.bench import _exact_topk_generator, baseline_step
+from pipeline.learning.bench import _exact_topk_generator, baseline_step, plain_models, plain_step
 from pipeline.learning.learner import prepare_module
-from pipeline.model import relu_topk, spatial_relu_topk, topk_mask
+from pipeline.model import relu_topk, spatial_relu_topk, sparse_conv, topk_mask
 from pipeline.model.sparsity import _kth_largest
 
 
@@ -114,6 +114,176 @@ def test_learner_step_matches_the_straightforward_implementation():
             torch.testing.assert_close(fast, base, rtol=1e-4, atol=1e-5, msg=f"critic {name}, step {step}")
 
 
+def _dense_upsample_conv(x, weight, bias, scale):
+    return torch.nn.functional.conv2d(torch.nn.functional.interpolate(x, scale_factor=2, mode="nearest"),
+                                      weight * scale, bias, padding=1)
+
+
+def _sparse_map(batch, channels, k, reading, generator, ties=False):
+    """A post-top-k first-layer map (B, C, 4, 4): "dense" reading (k of C channels per cell) or "cells"
+    (channel v*16 + p lives at cell p only); ``ties`` adds exactly-equal survivors (more than k per cell)."""
+    pre = torch.randn(batch, channels, 16, generator=generator)
+    if reading == "cells":
+        cells = pre[:, : channels // 16]  # (B, V, 16)
+        kth = cells.topk(k, dim=1).values[:, k - 1:k]
+        kept = cells * (cells >= kth)
+        if ties:
+            kept[0, :, 5] = 0.0
+            kept[0, : k + 2, 5] = 0.5  # k + 2 tied survivors at cell 5
+        return torch.diag_embed(kept).reshape(batch, channels, 4, 4)
+    kth = pre.topk(k, dim=1).values[:, k - 1:k]
+    kept = pre * (pre >= kth)
+    if ties:
+        kept[1, :, 2] = 0.0
+        kept[1, : k + 3, 2] = 0.5  # k + 3 tied survivors at one cell
+    return kept.view(batch, channels, 4, 4)
+
+
+def test_sparse_first_conv_matches_dense_values_and_gradients():
+    # upsample x2 + 3x3 conv from the active channels only, against the dense layer: output, gradient to the
+    # input (exact on the active units, 0 on the others, which the top-k mask zeroes anyway), to the weight
+    # and the bias; both readings of the first layer, ties beyond k, both memory layouts, and all three
+    # weight paths (gathered from the parameter, cached channel-major via embedding_bag, the large-batch copy).
+    gen = torch.Generator().manual_seed(0)
+    channels, out_channels, scale = 640, 24, 0.07
+    for reading in ("dense", "cells"):
+        for ties in (False, True):
+            for channels_last in (False, True):
+                for path in ("gather", "cached", "copy"):
+                    batch = 40 if path == "copy" else 3  # copy: more gathered rows than channels
+                    x = _sparse_map(batch, channels, 4, reading, gen, ties)
+                    weight = torch.randn(out_channels, channels, 3, 3, generator=gen)
+                    bias = torch.randn(out_channels, generator=gen)
+                    if channels_last:
+                        x = x.contiguous(memory_format=torch.channels_last)
+                        weight = weight.contiguous(memory_format=torch.channels_last)
+                    n = sparse_conv.active_channel_count(x)
+                    assert n == 4 + ties * (3 if reading == "dense" else 2)
+                    assert (path == "copy") == (batch * 16 * n > channels)
+                    results = []
+                    for sparse in (False, True):
+                        xi = x.clone().requires_grad_(True)
+                        wi = weight.clone().requires_grad_(True)
+                        bi = bias.clone().requires_grad_(True)
+                        if sparse:
+                            cm = None
+                            if path == "cached":
+                                cm = sparse_conv.channel_major_weight(wi.detach(), scale).contiguous()
+                            y = sparse_conv.sparse_upsample_conv3x3(xi, wi, bi, n, scale, cm)
+                        else:
+                            y = _dense_upsample_conv(xi, wi, bi, scale)
+                        upstream = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
+                        wrt = [xi, bi] if path == "cached" else [xi, wi, bi]
+                        results.append((y.detach(), *torch.autograd.grad(y, wrt, upstream)))
+                    (y_d, gx_d, *rest_d), (y_s, gx_s, *rest_s) = results
+                    case = (reading, ties, channels_last, path)
+                    torch.testing.assert_close(y_s, y_d, rtol=1e-5, atol=1e-5, msg=f"values {case}")
+                    active = x != 0
+                    torch.testing.assert_close(gx_s, gx_d * active, rtol=1e-5, atol=1e-5, msg=f"input grad {case}")
+                    assert not gx_s[~active].any()
+                    for a, b in zip(rest_s, rest_d):
+                        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=f"weight/bias grad {case}")
+
+
+def _small_paper_cfg(reading, *overrides):
+    # paper64's structure at test size: 1024 = 64 x 16 channels at 4x4, k = 4 per cell.
+    return pipeline.load_config("tiny", [f"model.first_layer={reading}", "model.fc_channels=1024",
+                                         "model.cell_channels=64", "model.widths=[32, 16, 8]",
+                                         "model.sparsity.fc4=4", *overrides])
+
+
+def test_generator_with_sparse_first_conv_matches_dense_generator(monkeypatch):
+    # The whole generator (Eq. 6 unchanged): images, d/dZ and every parameter gradient, for both readings of
+    # the first layer; and the dense fallback when fc4 is dense or its k is large.
+    calls = []
+    real = sparse_conv.sparse_upsample_conv3x3
+    monkeypatch.setattr(sparse_conv, "sparse_upsample_conv3x3", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    for reading in ("dense", "cells"):
+        # "cells": at most cell_channels (1/16) of the channels are active at a cell even with fc4 dense.
+        large = 200 if reading == "dense" else 64
+        for k, sparse_expected in ((4, True), (None, reading == "cells"), (large, reading == "cells")):
+            cfg = _small_paper_cfg(reading, f"model.sparsity.fc4={'null' if k is None else k}")
+            torch.manual_seed(0)
+            generator = prepare_module(pipeline.build_generator(cfg), cfg, torch.device("cpu"))
+            z = torch.randn(5, cfg.model.latent_dim, generator=torch.Generator().manual_seed(2))
+            results = []
+            for sparse in (True, False):
+                generator.sparse_first_conv = sparse
+                calls.clear()
+                zi = z.clone().requires_grad_(True)
+                images, activations = generator(zi, return_activations=True)
+                grads = torch.autograd.grad((images * torch.linspace(-1, 1, images.numel()).view_as(images)).sum(),
+                                            [zi, *generator.parameters()])
+                results.append((images.detach(), activations["conv8"].detach(), grads))
+                assert bool(calls) == (sparse and sparse_expected), (reading, k, sparse)
+            (img_s, act_s, grads_s), (img_d, act_d, grads_d) = results
+            torch.testing.assert_close(img_s, img_d, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(act_s, act_d, rtol=1e-5, atol=1e-5)
+            for (name, _), a, b in zip([("z", None), *generator.named_parameters()], grads_s, grads_d):
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=f"{reading} k={k} grad {name}")
+
+
+def test_frozen_weight_cache_matches_uncached_chain_and_is_released(monkeypatch):
+    import contextlib
+
+    import pipeline.learning.langevin as langevin
+
+    cfg = _small_paper_cfg("dense")
+    torch.manual_seed(0)
+    generator = prepare_module(pipeline.build_generator(cfg), cfg, torch.device("cpu"))
+    y = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    z0 = torch.randn(4, cfg.model.latent_dim, generator=torch.Generator().manual_seed(4))
+
+    def chain():
+        return langevin_infer(generator, z0, y, steps=4, step_size=0.1, noise_sigma=0.3,
+                              generator_rng=torch.Generator().manual_seed(5)).z
+
+    cached = chain()
+    layers = [m for m in generator.modules() if hasattr(m, "_frozen_weight")]
+    assert layers and all(m._frozen_weight is None and m._frozen_channel_major is None for m in layers)
+    monkeypatch.setattr(langevin, "frozen_weight_cache", lambda module: contextlib.nullcontext(module))
+    uncached = chain()
+    torch.testing.assert_close(cached, uncached, rtol=1e-5, atol=1e-5)
+    # Inside the cache the scaled weights are the parameters' current values; a later change is seen.
+    with sparse_conv.frozen_weight_cache(generator):
+        conv = generator.blocks[0][0]
+        torch.testing.assert_close(conv._frozen_weight, conv.weight * conv.scale)
+        torch.testing.assert_close(conv.cached_channel_major(),
+                                   sparse_conv.channel_major_weight(conv.weight * conv.scale))
+    with torch.no_grad():
+        before = generator(z0)
+        generator.blocks[1][0].weight.mul_(1.5)
+        assert not torch.allclose(generator(z0), before)
+
+
+def test_plain_step_matches_the_learner_step():
+    # The competent plain-PyTorch baseline of `bench step` does the same work as ABPLearner.step.
+    cfg = _cfg("langevin.steps=4")
+    images = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(5)) * 2 - 1
+    indices = torch.arange(8)
+    torch.manual_seed(0)
+    generator = prepare_module(pipeline.build_generator(cfg), cfg, torch.device("cpu"))
+    critic = prepare_module(pipeline.build_critic(cfg), cfg, torch.device("cpu"))
+    learner = ABPLearner(cfg, generator, critic, LatentBank(8, cfg.model.latent_dim), torch.device("cpu"))
+    plain_generator, plain_critic = plain_models(cfg, torch.device("cpu"), seed=0)
+    t = cfg.training
+    learner.generator_optimizer = torch.optim.SGD(generator.parameters(), lr=t.generator_lr)
+    learner.critic_optimizer = torch.optim.SGD(critic.parameters(), lr=t.critic_lr)
+    opt_g = torch.optim.SGD(plain_generator.parameters(), lr=t.generator_lr)
+    opt_c = torch.optim.SGD(plain_critic.parameters(), lr=t.critic_lr)
+    plain_bank = LatentBank(8, cfg.model.latent_dim)
+    rng = torch.Generator().manual_seed(t.seed)
+    for step in range(2):
+        learner.step(indices, images)
+        plain_step(cfg, plain_generator, plain_critic, opt_g, opt_c, plain_bank, indices, images, rng)
+        torch.testing.assert_close(learner.bank.z, plain_bank.z, rtol=1e-4, atol=1e-4, msg=f"Z after step {step}")
+        for (name, fast), base in zip(generator.named_parameters(), plain_generator.parameters()):
+            torch.testing.assert_close(fast, base, rtol=1e-4, atol=1e-5, msg=f"generator {name}, step {step}")
+        for (name, fast), base in zip(critic.named_parameters(), plain_critic.parameters()):
+            torch.testing.assert_close(fast, base, rtol=1e-4, atol=1e-5, msg=f"critic {name}, step {step}")
+    assert all(p.requires_grad for p in [*plain_generator.parameters(), *plain_critic.parameters()])
+
+
 def test_host_allocator_settings_apply_once():
     from pipeline.host_memory import configure_host_allocator
 
@@ -164,7 +334,7 @@ def test_bench_step_cli_json():
     assert out.returncode == 0, out.stderr[-2000:]
     report = json.loads(out.stdout.strip().splitlines()[-1])
     for key in ("iteration_images_per_s", "flops_per_image", "iteration_flops_per_s", "peak_flops_per_s",
-                "langevin_fraction_of_peak", "speedup_vs_baseline"):
+                "langevin_fraction_of_peak", "speedup_vs_baseline", "plain_images_per_s", "speedup_vs_plain"):
         assert report[key] > 0, key
 
 

@@ -1,20 +1,31 @@
 """`sparsegen bench step`: the cost of one Algorithm 1 iteration, against a straightforward baseline and
 against the machine's own dense throughput measured in the same process.
 
-Timed, after warm-up, as the median of ``repeats`` (the full iteration and the baseline alternately,
-repeat by repeat, so that a shared or throttled machine slows both alike):
+Timed, after warm-up, as the median of ``repeats`` (the full iteration and the baselines in turn,
+repeat by repeat, so that a shared or throttled machine slows them alike):
   * the full iteration of ``ABPLearner.step`` (critic step, l_G Langevin steps, generator step);
   * the Langevin part alone (``langevin_infer``);
-  * ``baseline_step``: the same algorithm written the obvious way -- Langevin through ``loss.backward()``
-    with parameter gradients on (then thrown away), top-k by ``torch.topk`` + ``scatter``, no compilation.
+  * ``baseline_step`` ("naive"): the same algorithm written the obvious way -- Langevin through
+    ``loss.backward()`` with parameter gradients on (then thrown away), top-k by ``torch.topk`` +
+    ``scatter``, no compilation;
+  * ``plain_step`` ("plain"): what a competent practitioner writes in plain PyTorch -- parameters frozen
+    during Langevin (``torch.autograd.grad`` to Z only), g(Z^) computed once for the critic and the
+    generator step, ``topk`` + ``scatter`` masks, default memory layout, dense convolutions, nothing
+    cached. Same shapes and work as ``ABPLearner.step``.
 
 FLOPs are counted by ``torch.utils.flop_counter.FlopCounterMode`` on one iteration (convolutions and
-matmuls, forward and backward), so "achieved FLOP/s" is counted FLOPs / measured time, and "fraction of
-peak" divides by the dense conv/matmul throughput this process measured on large, well-shaped problems.
+matmuls, forward and backward) with the sparse first conv switched to its dense form, so they are the
+dense-equivalent FLOPs of the model (the sparse layer skips 99.75 % of its multiply-adds at paper64's k):
+"achieved FLOP/s" is dense-equivalent FLOPs / measured time, and "fraction of peak" divides by the dense
+conv/matmul throughput this process measured on large, well-shaped problems.
+
+The host allocator setting (``configure_host_allocator``) is process-wide, so both baselines run with it
+too (it favours them, if anything).
 """
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 
@@ -83,12 +94,93 @@ def _time_for(fn, device, seconds: float) -> float:
 # -- the straightforward implementation -------------------------------------------------------------------
 
 def _exact_topk_generator(cfg: Config, source) -> torch.nn.Module:
-    """A copy of ``source`` whose top-k is topk + scatter ("exact" ties), as a first implementation would."""
+    """A copy of ``source`` whose top-k is topk + scatter ("exact" ties) and whose convolutions are all
+    dense, as a first implementation would have them."""
     import copy
 
     generator = copy.deepcopy(source)
     generator.ties = "exact"
+    generator.sparse_first_conv = False
     return generator
+
+
+@contextlib.contextmanager
+def dense_first_conv(generator):
+    """The generator with its sparse first conv switched to the dense form (to count dense-equivalent FLOPs)."""
+    previous = generator.sparse_first_conv
+    generator.sparse_first_conv = False
+    try:
+        yield generator
+    finally:
+        generator.sparse_first_conv = previous
+
+
+def _set_requires_grad(module, flag: bool) -> None:
+    for p in module.parameters():
+        p.requires_grad_(flag)
+
+
+def plain_step(cfg: Config, generator, critic, opt_g, opt_c, bank: LatentBank, indices, images, rng,
+               autocast_dtype_: torch.dtype | None = None):
+    """One Algorithm 1 iteration as a competent practitioner writes it in plain PyTorch (no project tricks).
+
+    Parameters frozen in Langevin and ``torch.autograd.grad`` to Z only; g(Z^) computed once with its graph,
+    detached for the critic step (as in PyTorch's DCGAN example) and reused for Eq. 20; the critic frozen
+    in the generator step. ``generator`` comes from ``plain_models``: topk + scatter masks, dense convs,
+    default memory layout. Same losses as ``ABPLearner.step`` (Eq. 21 with the energy L2, Eq. 13-14,
+    Eq. 15 + critic_weight * Eq. 20)."""
+    t, lv = cfg.training, cfg.langevin
+    batch = images.shape[0]
+    sigma, delta = lv.noise_sigma, lv.step_size
+    device = images.device
+    autocast = (torch.autocast(device_type=device.type, dtype=autocast_dtype_) if autocast_dtype_ is not None
+                else contextlib.nullcontext())
+    z_prior = torch.randn(batch, cfg.model.latent_dim, generator=rng, device=device)
+    synthesized = None
+    if critic is not None:
+        with autocast:
+            synthesized = generator(z_prior)
+            energies = critic(torch.cat([images, synthesized.detach().to(images.dtype)])).float()
+        loss_c = energies[:batch].mean() - energies[batch:].mean()
+        if t.critic_energy_l2 > 0:
+            loss_c = loss_c + t.critic_energy_l2 * energies.pow(2).mean()
+        opt_c.zero_grad(set_to_none=True)
+        loss_c.backward()
+        opt_c.step()
+    z = bank.gather(indices, device)
+    _set_requires_grad(generator, False)
+    for _ in range(lv.steps):
+        z = z.detach().requires_grad_(True)
+        with autocast:
+            reconstruction = generator(z).float()
+        energy = ((images - reconstruction) ** 2).sum() / (2 * sigma**2) + (z**2).sum() / 2
+        (grad,) = torch.autograd.grad(energy, z)
+        z = z.detach() - (delta**2 / 2) * grad + delta * torch.randn(z.shape, generator=rng, device=device)
+    _set_requires_grad(generator, True)
+    z = z.detach()
+    bank.scatter(indices, z)
+    with autocast:
+        reconstruction = generator(z).float()
+    loss_g = ((images - reconstruction) ** 2).flatten(1).sum(1).mean() / (2 * sigma**2)
+    if synthesized is not None:
+        _set_requires_grad(critic, False)
+        with autocast:
+            loss_g = loss_g + t.critic_weight * critic(synthesized.float()).float().mean()
+        _set_requires_grad(critic, True)
+    opt_g.zero_grad(set_to_none=True)
+    loss_g.backward()
+    opt_g.step()
+
+
+def plain_models(cfg: Config, device: torch.device, seed: int = 0):
+    """(generator, critic or None) for ``plain_step``: the preset's shapes, freshly initialised from ``seed``,
+    default memory layout, topk + scatter masks ("exact" ties) and every convolution dense."""
+    from pipeline.model import build_critic, build_generator
+
+    torch.manual_seed(seed)
+    generator = _exact_topk_generator(cfg, build_generator(cfg)).to(device)
+    critic = build_critic(cfg).to(device) if cfg.training.critic_weight > 0 else None
+    return generator, critic
 
 
 def baseline_step(cfg: Config, generator, critic, opt_g, opt_c, bank: LatentBank, indices, images, rng):
@@ -124,7 +216,7 @@ def baseline_step(cfg: Config, generator, critic, opt_g, opt_c, bank: LatentBank
 
 
 def bench_step(cfg: Config, batch_size: int, device: str = "cpu", repeats: int = 3, with_baseline: bool = True,
-               progress=None) -> dict:
+               progress=None, with_plain: bool = True) -> dict:
     from pipeline.model import build_critic, build_generator
 
     device_obj = torch.device(device)
@@ -139,8 +231,9 @@ def bench_step(cfg: Config, batch_size: int, device: str = "cpu", repeats: int =
     indices = torch.arange(batch_size)
     lv = cfg.langevin
 
-    say("counting FLOPs")
-    iteration_flops = count_flops(lambda: learner.step(indices, images))
+    say("counting FLOPs (dense equivalent)")
+    with dense_first_conv(generator):
+        iteration_flops = count_flops(lambda: learner.step(indices, images))
     z0 = bank.gather(indices, device_obj)
 
     def langevin():
@@ -148,8 +241,9 @@ def bench_step(cfg: Config, batch_size: int, device: str = "cpu", repeats: int =
         return langevin_infer(generator, z0, images, **chain_options(lv), generator_rng=learner.rng,
                               autocast_dtype=learner.autocast_dtype, compute_energy_end=False)
 
-    langevin_flops = count_flops(langevin)
-    baseline = None
+    with dense_first_conv(generator):
+        langevin_flops = count_flops(langevin)
+    baseline = plain = None
     if with_baseline:
         torch.manual_seed(0)
         base_generator = _exact_topk_generator(cfg, build_generator(cfg)).to(device_obj)
@@ -162,20 +256,36 @@ def bench_step(cfg: Config, batch_size: int, device: str = "cpu", repeats: int =
         def baseline():
             baseline_step(cfg, base_generator, base_critic, opt_g, opt_c, base_bank, indices, images, rng)
 
-    # The fast iteration and the baseline are timed alternately, repeat by repeat, so that a shared or
-    # throttled machine slows both alike and the speed-up (median of the per-repeat ratios) stays fair.
-    say("timing the iteration" + (" and the straightforward baseline, alternately" if baseline else ""))
+    if with_plain:
+        plain_generator, plain_critic = plain_models(cfg, device_obj)
+        t = cfg.training
+        plain_opt_g = torch.optim.Adam(plain_generator.parameters(), lr=t.generator_lr, betas=tuple(t.generator_betas))
+        plain_opt_c = (torch.optim.Adam(plain_critic.parameters(), lr=t.critic_lr, betas=tuple(t.critic_betas))
+                       if plain_critic is not None else None)
+        plain_rng = torch.Generator(device=device_obj).manual_seed(0)
+        plain_bank = LatentBank(batch_size, cfg.model.latent_dim)
+
+        def plain():
+            plain_step(cfg, plain_generator, plain_critic, plain_opt_g, plain_opt_c, plain_bank, indices, images,
+                       plain_rng, learner.autocast_dtype)
+
+    # The fast iteration and the baselines are timed in turn, repeat by repeat, so that a shared or
+    # throttled machine slows them alike and the speed-ups (medians of the per-repeat ratios) stay fair.
+    names = [name for name, fn in (("naive", baseline), ("plain", plain)) if fn is not None]
+    say("timing the iteration" + (f" and the {' and '.join(names)} baseline(s), in turn" if names else ""))
     def iteration():
         learner.step(indices, images)
 
-    for warmup in (iteration, baseline, langevin):
+    for warmup in (iteration, baseline, plain, langevin):
         if warmup is not None:
             warmup()
-    iteration_times, baseline_times = [], []
+    iteration_times, baseline_times, plain_times = [], [], []
     for _ in range(repeats):
         iteration_times.append(_seconds(iteration, device_obj))
         if baseline is not None:
             baseline_times.append(_seconds(baseline, device_obj))
+        if plain is not None:
+            plain_times.append(_seconds(plain, device_obj))
     iteration_s = statistics.median(iteration_times)
     # Likewise the Langevin loop and the machine's dense throughput, alternately: a fraction of peak
     # divides two figures that must come from the same state of the machine.
@@ -223,6 +333,15 @@ def bench_step(cfg: Config, batch_size: int, device: str = "cpu", repeats: int =
     if baseline_times:
         result["baseline_iteration_s"] = statistics.median(baseline_times)
         result["speedup_vs_baseline"] = statistics.median(b / f for b, f in zip(baseline_times, iteration_times))
+    if plain_times:
+        result["plain_iteration_s"] = statistics.median(plain_times)
+        result["plain_images_per_s"] = batch_size / result["plain_iteration_s"]
+        result["speedup_vs_plain"] = statistics.median(p / f for p, f in zip(plain_times, iteration_times))
+    result["iteration_times_s"] = iteration_times
+    if baseline_times:
+        result["baseline_times_s"] = baseline_times
+    if plain_times:
+        result["plain_times_s"] = plain_times
     return result
 
 

@@ -4,7 +4,9 @@
     log p(Z, Y) = -||Y - g(Z)||^2 / (2 sigma^2) - ||Z||^2 / 2 + C
 
 Only Z gets gradients: the generator's parameters are switched to ``requires_grad=False`` for the loop,
-so autograd neither builds nor computes their gradient nodes and no ``.grad`` is touched.
+so autograd neither builds nor computes their gradient nodes and no ``.grad`` is touched. As they cannot
+change during the chain, the equalized-learning-rate ``weight * scale`` of every layer is computed once
+per chain, not in every forward of every step (``frozen_weight_cache``).
 
 Noise-free closing (``noise_free_steps``): the last N steps drop the delta * E kick and are plain gradient
 steps on log p(Z, Y) with step delta^2 / 2. Training keeps N = 0 (Algorithm 1 needs posterior *samples*
@@ -24,6 +26,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from pipeline.model.sparse_conv import frozen_weight_cache
 
 
 class LangevinDivergenceError(FloatingPointError):
@@ -133,7 +137,8 @@ def _chain(generator, z_start, y, steps, delta, sigma, clip, rng, autocast_dtype
         if autocast_dtype is not None
         else contextlib.nullcontext()
     )
-    with frozen_parameters(generator), torch.enable_grad():
+    # Parameters are frozen for the whole chain, so scaled weights are computed once (frozen_weight_cache).
+    with frozen_parameters(generator), frozen_weight_cache(generator), torch.enable_grad():
         for step in range(steps):
             z.requires_grad_(True)
             with autocast:

@@ -30,11 +30,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.config import Config
+from pipeline.model import sparse_conv
 from pipeline.model.sparsity import relu_topk, spatial_relu_topk
 
 
 class ScaledLinear(nn.Module):
     """Linear layer with optional equalized-learning-rate scaling (weights N(0,1), scaled at run time)."""
+
+    _frozen_weight = None  # weight * scale while sparse_conv.frozen_weight_cache is active
 
     def __init__(self, in_features: int, out_features: int, equalized: bool, gain: float = math.sqrt(2)):
         super().__init__()
@@ -47,11 +50,16 @@ class ScaledLinear(nn.Module):
             nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
 
     def forward(self, x: torch.Tensor, use_bias: bool = True) -> torch.Tensor:
-        return F.linear(x, self.weight * self.scale, self.bias if use_bias else None)
+        weight = self.weight * self.scale if self._frozen_weight is None else self._frozen_weight
+        return F.linear(x, weight, self.bias if use_bias else None)
 
 
 class ScaledConv2d(nn.Module):
     """3x3 same-padding convolution with optional equalized-learning-rate scaling."""
+
+    # weight * scale (and its channel-major form) while sparse_conv.frozen_weight_cache is active.
+    _frozen_weight = None
+    _frozen_channel_major = None
 
     def __init__(self, in_channels: int, out_channels: int, equalized: bool, gain: float = math.sqrt(2)):
         super().__init__()
@@ -64,8 +72,18 @@ class ScaledConv2d(nn.Module):
             nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
 
     def forward(self, x: torch.Tensor, use_bias: bool = True) -> torch.Tensor:
-        weight = self.weight if self.scale == 1.0 else self.weight * self.scale
+        weight = self._frozen_weight
+        if weight is None:
+            weight = self.weight if self.scale == 1.0 else self.weight * self.scale
         return F.conv2d(x, weight, self.bias if use_bias else None, padding=1)
+
+    def cached_channel_major(self) -> torch.Tensor | None:
+        """The frozen weight as ``sparse_conv.channel_major_weight``, built once per cache; None uncached."""
+        if self._frozen_weight is None:
+            return None
+        if self._frozen_channel_major is None:
+            self._frozen_channel_major = sparse_conv.channel_major_weight(self._frozen_weight).contiguous()
+        return self._frozen_channel_major
 
 
 def conv_blocks(in_channels: int, widths: list[int], convs_per_block: int, equalized: bool) -> nn.ModuleList:
@@ -82,6 +100,9 @@ def conv_blocks(in_channels: int, widths: list[int], convs_per_block: int, equal
 
 class SparseGenerator(nn.Module):
     """g(Z; Theta, k): the generator of Eq. 7 with top-k sparsity after the activation of each layer."""
+
+    # The first conv after fc4 from fc4's active channels only (sparse_conv.py; the same values as dense).
+    sparse_first_conv = True
 
     def __init__(self, cfg: Config):
         super().__init__()
@@ -136,9 +157,12 @@ class SparseGenerator(nn.Module):
         if return_masks:
             masks["fc4"] = mask
         for block_index, convs in enumerate(self.blocks):
-            x = F.interpolate(x, scale_factor=2, mode="nearest")
+            sparse_input = block_index == 0 and self._sparse_first_conv_applies()
+            if not sparse_input:
+                x = F.interpolate(x, scale_factor=2, mode="nearest")
             for conv_index, conv in enumerate(convs):
-                pre = conv(x)
+                # upsample + conv from fc4's active channels (it falls back to dense when they are many).
+                pre = sparse_conv.upsample_conv(conv, x) if sparse_input and conv_index == 0 else conv(x)
                 if conv_index == len(convs) - 1:
                     k = self.k[self.layer_names[block_index + 1]]
                     x, mask = spatial_relu_topk(pre, k, self.ties, return_mask=return_masks)
@@ -154,6 +178,14 @@ class SparseGenerator(nn.Module):
         if return_activations:
             return images, activations
         return images
+
+    def _sparse_first_conv_applies(self) -> bool:
+        """Whether fc4's map has few enough active channels per cell for the sparse first conv (at most k; at
+        most cell_channels in the "cells" reading even when fc4 is dense)."""
+        k = self.k["fc4"]
+        if self.first_layer == "cells":
+            k = self.cell_channels if k is None else min(k, self.cell_channels)
+        return self.sparse_first_conv and k is not None and k <= sparse_conv.SPARSE_MAX_FRACTION * self.fc_channels
 
     def propagate(
         self,
