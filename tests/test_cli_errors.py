@@ -198,8 +198,9 @@ def test_s3_endpoint_that_never_answers_is_given_up_within_seconds(monkeypatch):
 
 def test_train_config_mistakes_together(tmp_path, capsys):
     code, err, _, elapsed_s = _run([*_command("train", tmp_path), "--set", "training.batch_size=0",
-                                    "--set", "langevin.steps=-1"], capsys)
-    assert code == 2 and "training.batch_size" in err and "langevin.steps" in err, err
+                                    "--set", "langevin.stepz=1", "--workers", "0"], capsys)
+    assert code == 2 and "training.batch_size" in err and "did you mean 'langevin.steps'" in err, err
+    assert "run.workers" in err, err  # a flag's mistake next to the --set ones
     assert "Traceback" not in err and elapsed_s < 15
 
 

@@ -47,8 +47,6 @@ parameters:
   langevin.step_size: {choice: [0.1, 0.2]}
 """
 
-pytestmark = pytest.mark.ray
-
 
 @pytest.fixture(scope="module")
 def cluster_report(tmp_path_factory, demo_shards, s3_server):

@@ -94,13 +94,17 @@ def apply_cli_options(cfg, args: argparse.Namespace):
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from pipeline.config import ConfigError
+    from pipeline.config import ConfigError, load_config
 
-    cfg = config_from_args(args)
     try:
-        cfg = apply_cli_options(cfg, args)
+        cfg = apply_cli_options(load_config(args.config or args.preset or "paper64", args.overrides), args)
     except ConfigError as exc:
-        print(f"sparsegen train: error: {exc}", file=sys.stderr)
+        problems = list(exc.problems)
+        try:  # the flags' own mistakes too, checked on the config without the --set values
+            apply_cli_options(load_config(args.config or args.preset or "paper64"), args)
+        except ConfigError as flags:
+            problems += [p for p in flags.problems if p not in problems]
+        print(f"sparsegen train: error: {ConfigError(problems)}", file=sys.stderr)
         return 2
     if args.dry_run:
         from pipeline.model import describe_layers
