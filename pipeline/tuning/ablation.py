@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.distributed.placement import trial_driver_resources
 from pipeline.tuning import runs
 from pipeline.tuning.settings import FINAL_KEY, TrialSetup, parse_overrides
 
@@ -289,7 +290,7 @@ def run_ablation(settings: AblationSettings) -> dict:
                          search_name=settings.name, parent_run_id=parent_id),
         arm_overrides=plan["overrides"], metrics=metrics, untrained_owner=plan["untrained_owner"],
         eval_threads=eval_threads)
-    trainable = tune.with_resources(tune.with_parameters(run_arm, setup=setup), {"CPU": TRIAL_DRIVER_CPUS})
+    trainable = tune.with_resources(tune.with_parameters(run_arm, setup=setup), trial_driver_resources(TRIAL_DRIVER_CPUS))
     tuner = tune.Tuner(
         trainable,
         param_space={"arm": tune.grid_search(arms)},

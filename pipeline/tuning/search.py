@@ -24,6 +24,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from pipeline.distributed.placement import trial_driver_resources
 from pipeline.tuning import pbt, runs
 from pipeline.tuning.settings import (DEFAULT_MAX_FAILURES, FINAL_KEY, SchedulerOptions, SearchPlan,
                                       SearchSettings, TrialSetup, parse_overrides, plain)
@@ -148,7 +149,7 @@ def run_search(settings: SearchSettings) -> dict:
     setup = TrialSetup(preset=settings.preset, overrides=plan.overrides, data_url=data_url, workdir=str(workdir),
                        tracking_uri=tracking_uri, experiment=experiment, storage=runs_storage,
                        search_name=settings.name, parent_run_id=parent_id, scheduler=plan.scheduler.kind)
-    trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), {"CPU": TRIAL_DRIVER_CPUS})
+    trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), trial_driver_resources(TRIAL_DRIVER_CPUS))
     if plan.scheduler.kind == "pbt" and settings.seed is not None:
         import random
 
