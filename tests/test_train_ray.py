@@ -129,10 +129,53 @@ def test_cli_train_json_on_a_folder_of_images(ray_session, workdir, tmp_path, ca
 
 
 def test_progress_line_names_step_throughput_mse_and_eta():
-    from pipeline.distributed.training_loop import progress_line
+    from pipeline.distributed.progress import make_progress, progress_line
 
-    line = progress_line(100, 400, {"images_per_s": 51.23, "reconstruction_mse": 0.04321}, elapsed_s=50.0,
-                         steps_done=100)
-    assert line == "[sparsegen] step 100/400 (25%) | 51.2 images/s | reconstruction MSE 0.0432 | ETA 2m30s"
-    assert progress_line(10, 10, {}, elapsed_s=5.0, steps_done=10).endswith("ETA 0m00s")
-    assert "ETA 2h00m" in progress_line(1, 7201, {}, elapsed_s=1.0, steps_done=1)
+    def line(step, total, logged, elapsed_s, steps_done):
+        return progress_line(make_progress(step, total, logged, elapsed_s, steps_done))
+
+    assert line(100, 400, {"images_per_s": 51.23, "reconstruction_mse": 0.04321}, 50.0, 100) == \
+        "[sparsegen] step 100/400 (25%) | 51.2 images/s | reconstruction MSE 0.0432 | ETA 2m30s"
+    assert line(10, 10, {}, 5.0, 10).endswith("ETA 0m00s")
+    assert "ETA 2h00m" in line(1, 7201, {}, 1.0, 1)
+
+
+def test_bar_only_on_a_terminal_unless_forced(monkeypatch):
+    import io
+
+    from pipeline.distributed.progress import PROGRESS_BAR_ENV, bar_wanted
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.delenv(PROGRESS_BAR_ENV, raising=False)
+    assert bar_wanted(Tty()) and not bar_wanted(io.StringIO())
+    monkeypatch.setenv(PROGRESS_BAR_ENV, "0")
+    assert not bar_wanted(Tty())
+    monkeypatch.setenv(PROGRESS_BAR_ENV, "1")
+    assert bar_wanted(io.StringIO())
+
+
+def test_terminal_run_draws_a_bar_from_rank0_records_instead_of_lines(ray_session, demo_shards, workdir, monkeypatch,
+                                                                      capfd):
+    """With the driver on a terminal (forced here), rank 0 sends its records to the driver's bar: the bar
+    reaches the last step, and no per-interval progress line is printed."""
+    import pipeline.distributed.progress as progress
+
+    bars = []
+    original = progress.ProgressBar
+
+    class Recording(original):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            bars.append(self)
+
+    monkeypatch.setenv(progress.PROGRESS_BAR_ENV, "1")
+    monkeypatch.setattr(progress, "ProgressBar", Recording)
+    cfg = _cfg(demo_shards, "training.max_steps=4", "run.log_every_steps=2", "run.name=bar-run",
+               "evaluation.at_end=[]")
+    train(cfg, workdir=str(workdir))
+    assert len(bars) == 1 and bars[0].records >= 1
+    assert bars[0].bar is not None and bars[0].bar.n == 4 and bars[0].bar.total == 4
+    assert "[sparsegen] step 2/4" not in capfd.readouterr().out

@@ -129,7 +129,13 @@ def train(
         "crash_marker": str(workdir_path / "faults" / f"{cfg.run.name}-rank{cfg.run.crash_rank}-step{cfg.run.crash_at_step}"),
     }
     worker_env = {"MLFLOW_DISABLE_TELEMETRY": "true", "OMP_NUM_THREADS": str(max(1, int(cfg.run.cpus_per_worker)))}
+    from pipeline.distributed.progress import ProgressBar, bar_wanted
     from pipeline.distributed.training_loop import train_loop_per_worker
+
+    # On a terminal the driver draws a bar from rank 0's records; elsewhere rank 0 prints a line per interval.
+    bar = ProgressBar(description=cfg.run.name) if bar_wanted() else None
+    if bar is not None:
+        loop_config["progress_queue"] = bar.queue
 
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -153,6 +159,9 @@ def train(
     except Exception as exc:  # Ray raises TrainingFailedError with the worker's traceback inside
         mlflow_run.finish_run(tracking_uri, run_id, "FAILED")
         raise TrainingError(f"training run '{cfg.run.name}' failed: {exc}") from exc
+    finally:
+        if bar is not None:
+            bar.close()
     if result.error is not None or result.checkpoint is None:
         mlflow_run.finish_run(tracking_uri, run_id, "FAILED")
         raise TrainingError(f"training run '{cfg.run.name}' failed: {result.error or 'no checkpoint was reported'}")

@@ -33,6 +33,9 @@ from pathlib import Path
 
 import torch
 
+from pipeline.distributed.progress import make_progress, progress_line
+from pipeline.distributed.progress import send as send_progress
+
 
 def train_loop_per_worker(loop_config: dict) -> None:
     """Ray Train's per-worker function: the loop below, with MLflow's system metrics monitored on rank 0."""
@@ -125,6 +128,7 @@ def _train_loop(loop_config: dict) -> None:
                                      on_error=cfg.data.on_error, image_size=cfg.model.resolution)
         holdout_images = next(iter(holdout_loader))[1].to(device)
     crash_marker = loop_config.get("crash_marker")
+    progress_queue = loop_config.get("progress_queue") if is_logger else None
 
     # -- 3. loop ------------------------------------------------------------------------------------------
     window_start, window_images, window_steps = time.perf_counter(), 0, 0
@@ -167,8 +171,12 @@ def _train_loop(loop_config: dict) -> None:
                     logged[f"data_{key}"] = float(value)
                 if is_logger:
                     mlflow_run.log_metrics(tracking_uri, run_id, logged, step)
-                    print(progress_line(step, total_steps, logged, time.perf_counter() - loop_start_s,
-                                        step - loop_start_step), flush=True)
+                    progress = make_progress(step, total_steps, logged, time.perf_counter() - loop_start_s,
+                                             step - loop_start_step)
+                    if progress_queue is not None:  # the driver draws a bar on its terminal
+                        send_progress(progress_queue, progress)
+                    else:
+                        print(progress_line(progress), flush=True)
                 window_start, window_images, window_steps, metric_sums = time.perf_counter(), 0, 0, {}
             # -- 5. evaluate ----------------------------------------------------------------------------
             if is_logger and (step % cfg.run.eval_every_steps == 0 or last):
@@ -199,18 +207,6 @@ def _train_loop(loop_config: dict) -> None:
             epoch_index, epoch_start_step = epoch_index + 1, step
             continue
         break
-
-
-def progress_line(step: int, total_steps: int, logged: dict[str, float], elapsed_s: float, steps_done: int) -> str:
-    """One line per log interval for the console and ``ray job logs -f``: step / total, throughput,
-    reconstruction MSE and the time left at this run's average step time so far."""
-    eta_s = elapsed_s / max(steps_done, 1) * max(total_steps - step, 0)
-    minutes, seconds = divmod(int(round(eta_s)), 60)
-    hours, minutes = divmod(minutes, 60)
-    eta = f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
-    return (f"[sparsegen] step {step}/{total_steps} ({100 * step / max(total_steps, 1):.0f}%) | "
-            f"{logged.get('images_per_s', float('nan')):.1f} images/s | "
-            f"reconstruction MSE {logged.get('reconstruction_mse', float('nan')):.4f} | ETA {eta}")
 
 
 def _restore(uri: str, bank, device: torch.device):
