@@ -126,6 +126,8 @@ def test_search_with_storage_on_the_cluster(cluster_report):
     assert search["trials_finished"] == 2 and search["children"] == 2 and search["parents"] == 1
     assert len(search["trial_checkpoint_dirs"]) == 2, search
     assert search["tune_state"], "no Tune state under <storage>/tune"
+    # The trials' drivers asked for the driver resource: they ran on the on-demand node only.
+    assert search["trial_driver_nodes"] == [cluster_report["driver_node"]], search
 
 
 def test_multinode_scenario_is_ci_sized(cluster_report):
@@ -276,7 +278,10 @@ def _search(workdir: Path, data: str) -> dict:
     parents = [r for r in runs if r.data.tags.get("sparsegen.kind") == "search"]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") in {p.info.run_id for p in parents}]
     runs_dir = storage / "runs"
-    return {"exit_code": code, "trials_finished": summary.get("trials_finished"), "parents": len(parents),
+    from ray.util.state import list_actors
+
+    trial_drivers = list_actors(filters=[("class_name", "=", "ImplicitFunc")], limit=100, raise_on_missing_output=False)
+    return {"exit_code": code, "trial_driver_nodes": sorted({a.node_id for a in trial_drivers}), "trials_finished": summary.get("trials_finished"), "parents": len(parents),
             "children": len(children),
             "trial_checkpoint_dirs": sorted({p.parent.name for p in runs_dir.glob("*/checkpoint_*") if p.is_dir()}),
             "tune_state": any((storage / "tune" / "multinode-search").glob("experiment_state-*.json"))}
