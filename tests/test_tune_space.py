@@ -120,3 +120,15 @@ def test_tune_cli_rejects_a_bad_space_before_starting(tmp_path, capsys):
     assert main(["tune", "--space", "cpu-small", "--check", "--json"]) == 0
     plan = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert plan["scheduler"]["kind"] == "asha" and plan["trials"] == 6
+
+
+@pytest.mark.parametrize("kind", ["random", "grid"])
+def test_random_and_grid_searches_take_the_concurrency_limit_themselves(kind):
+    """Tune ignores max_concurrent_trials next to a BasicVariantGenerator (random, grid): the generator must
+    carry the --max-concurrent limit, or every trial starts at once."""
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    from pipeline.tuning.search import _search_algorithm
+
+    algorithm = _search_algorithm(kind, None, seed=0, max_concurrent=2)
+    assert isinstance(algorithm, BasicVariantGenerator) and algorithm.max_concurrent == 2

@@ -167,8 +167,10 @@ def run_search(settings: SearchSettings) -> dict:
             tune_config=tune.TuneConfig(
                 # A grid enumerates its own trials (every combination of the choices).
                 num_samples=1 if plan.search == "grid" else plan.trials,
-                max_concurrent_trials=max_concurrent,
-                search_alg=_search_algorithm(plan.search, space, settings.seed),
+                # Tune applies max_concurrent_trials to a Searcher; a BasicVariantGenerator (random, grid)
+                # ignores it, so that one takes the limit itself (_search_algorithm).
+                max_concurrent_trials=None if plan.search in ("random", "grid") else max_concurrent,
+                search_alg=_search_algorithm(plan.search, space, settings.seed, max_concurrent),
                 scheduler=_scheduler(plan.scheduler, space),
             ),
             run_config=tune_run_config(settings.name, tune_storage_path, tune_filesystem, plan, tracking_uri,
@@ -211,11 +213,11 @@ def tune_run_config(name: str, storage_path: str, filesystem, plan: SearchPlan, 
     )
 
 
-def _search_algorithm(kind: str, space: SearchSpace, seed: int | None):
+def _search_algorithm(kind: str, space: SearchSpace, seed: int | None, max_concurrent: int = 0):
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     if kind in ("random", "grid"):
-        return BasicVariantGenerator(random_state=seed)
+        return BasicVariantGenerator(random_state=seed, max_concurrent=max_concurrent or 0)
     from ray.tune.search.optuna import OptunaSearch
 
     class OptunaSearchSkippingMissing(OptunaSearch):
