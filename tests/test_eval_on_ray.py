@@ -60,3 +60,19 @@ def test_evaluation_runs_as_a_ray_task_and_its_files_come_back(ray_session, chec
     assert (out / "and_or_tree.png").is_file()
     summary = json.loads((out / "evaluation.json").read_text())
     assert summary["ran_on"]["pid"] == where["pid"] and summary["metrics"]["holdout_mse_pm1"] == metrics["holdout_mse_pm1"]
+
+
+@pytest.mark.ray
+def test_untrained_initialisation_is_evaluated_in_a_task_exactly_as_in_process(ray_session, demo_shards, tmp_path):
+    """The ablation's untrained baseline: built in the task from the config, seeded as a run starts, so it
+    scores what the same initialisation scores in-process."""
+    from pipeline.evaluation.orchestration import evaluate, evaluate_on_ray
+    from pipeline.learning.learner import initial_generator
+
+    cfg = _cfg()
+    metrics, _, where = evaluate_on_ray(cfg, None, demo_shards, ["mse"], out_dir=tmp_path / "task", untrained=True,
+                                        seed=0)
+    assert where["pid"] != os.getpid()
+    local, _ = evaluate(cfg, initial_generator(cfg), demo_shards, ["mse"], out_dir=str(tmp_path / "local"),
+                        progress=False, seed=0)
+    assert metrics["holdout_mse_pm1"] == pytest.approx(local["holdout_mse_pm1"], rel=1e-5)

@@ -359,8 +359,9 @@ def _alive_node_cpus() -> list[float]:
     return [float(node.get("Resources", {}).get("CPU", 0.0)) for node in ray.nodes() if node.get("Alive")]
 
 
-def _evaluate_checkpoint_task(checkpoint_uri: str, data_url: str | None, metrics: list[str], kwargs: dict,
-                              num_cpus: float, num_gpus: float) -> tuple[dict[str, float], dict[str, tuple[str, bytes]], dict]:
+def _evaluate_checkpoint_task(checkpoint_uri: str | None, data_url: str | None, metrics: list[str], kwargs: dict,
+                              num_cpus: float, num_gpus: float, untrained_config: dict | None = None
+                              ) -> tuple[dict[str, float], dict[str, tuple[str, bytes]], dict]:
     """The body of the Ray task: load the generator from the checkpoint onto this worker's device, evaluate
     into a temporary directory, return (metrics, artifact name -> (relative path, bytes), where it ran)."""
     import os
@@ -381,7 +382,14 @@ def _evaluate_checkpoint_task(checkpoint_uri: str, data_url: str | None, metrics
         where["assigned_resources"] = context.get_assigned_resources()
     except Exception:  # noqa: BLE001 - outside Ray (the in-process fallback)
         where["node_id"] = None
-    cfg, generator = load_generator(checkpoint_uri, device=device)
+    if untrained_config is not None:
+        from pipeline.config import config_from_dict
+        from pipeline.learning.learner import initial_generator
+
+        cfg = config_from_dict(untrained_config)
+        generator = initial_generator(cfg, device)
+    else:
+        cfg, generator = load_generator(checkpoint_uri, device=device)
     with tempfile.TemporaryDirectory(prefix="sparsegen-eval-") as directory:
         results, artifacts = evaluate(cfg, generator, data_url, metrics, out_dir=directory, **kwargs)
         summary = Path(artifacts["summary"])
@@ -394,13 +402,15 @@ def _evaluate_checkpoint_task(checkpoint_uri: str, data_url: str | None, metrics
     return {k: float(v) for k, v in results.items()}, files, where
 
 
-def evaluate_on_ray(cfg, checkpoint_uri: str, data_url: str | None, metrics: list[str], *, out_dir: str | Path,
-                    **kwargs) -> tuple[dict[str, float], dict[str, str], dict]:
+def evaluate_on_ray(cfg, checkpoint_uri: str | None, data_url: str | None, metrics: list[str], *, out_dir: str | Path,
+                    untrained: bool = False, **kwargs) -> tuple[dict[str, float], dict[str, str], dict]:
     """``evaluate`` of the generator in ``checkpoint_uri`` as a Ray task with ``evaluation_resources(cfg)``
     (a GPU when ``run.gpus_per_worker > 0``), not in the calling process: the driver of a run sits on a CPU
     node. The checkpoint and the data are read where the task runs (as the Train workers read them); the
     artifact files come back and are written under ``out_dir``. Returns (metrics, artifact name -> local
     path, where it ran: node_id, hostname, pid, device). Without a running Ray it evaluates in-process.
+    ``untrained=True`` evaluates the initialisation a run of ``cfg`` starts from instead (built in the task,
+    ``pipeline.learning.learner.initial_generator``; ``checkpoint_uri`` unused), the ablation's baseline.
 
     The task escapes the caller's placement group (``scheduling_strategy="DEFAULT"``): inside a Tune trial
     the trial's bundle holds only its driver's CPUs, the workers' ones come free when fit() returns.
@@ -408,6 +418,7 @@ def evaluate_on_ray(cfg, checkpoint_uri: str, data_url: str | None, metrics: lis
     import ray
 
     kwargs.setdefault("progress", False)
+    untrained_config = cfg.to_dict() if untrained else None
     if ray.is_initialized():
         resources = evaluation_resources(cfg, _alive_node_cpus())
         options = {"num_cpus": resources["num_cpus"], "scheduling_strategy": "DEFAULT", "max_retries": 1,
@@ -417,10 +428,10 @@ def evaluate_on_ray(cfg, checkpoint_uri: str, data_url: str | None, metrics: lis
             options["num_gpus"] = resources["num_gpus"]
         task = ray.remote(_evaluate_checkpoint_task).options(name="sparsegen-evaluate", **options)
         results, files, where = ray.get(task.remote(checkpoint_uri, data_url, list(metrics), kwargs,
-                                                    resources["num_cpus"], resources["num_gpus"]))
+                                                    resources["num_cpus"], resources["num_gpus"], untrained_config))
     else:
         results, files, where = _evaluate_checkpoint_task(checkpoint_uri, data_url, list(metrics), kwargs,
-                                                          float(cfg.run.cpus_per_worker), 0.0)
+                                                          float(cfg.run.cpus_per_worker), 0.0, untrained_config)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths: dict[str, str] = {}

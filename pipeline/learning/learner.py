@@ -53,6 +53,17 @@ def prepare_module(module: nn.Module, cfg: Config, device: torch.device) -> nn.M
     return module
 
 
+def initial_generator(cfg: Config, device: str | torch.device = "cpu") -> nn.Module:
+    """The generator a run of ``cfg`` starts training from: seeded and built exactly as the training loop
+    does (``torch.manual_seed(training.seed)``, then ``build_generator``, before the critic); in eval mode."""
+    from pipeline.model import build_generator
+
+    torch.manual_seed(cfg.training.seed)
+    generator = prepare_module(build_generator(cfg), cfg, torch.device(device))
+    generator.eval()
+    return generator
+
+
 @dataclass
 class StepMetrics:
     generator_loss: torch.Tensor

@@ -72,7 +72,6 @@ class ArmSetup:
     arm_overrides: dict[str, dict[str, Any]]
     metrics: list[str]
     untrained_owner: dict[str, str]
-    eval_threads: int
 
 
 @dataclass
@@ -147,20 +146,6 @@ def headline_columns(layer: str, available: set[str] | None = None) -> list[str]
 def ratio_metrics(layer: str) -> list[str]:
     return [f"matching_score_{layer}", f"matching_score_{layer}_image_mean", f"matching_score_{layer}_field",
             f"matching_score_{layer}_field_image_mean", f"parts_nmi_{layer}", "holdout_mse_pm1"]
-
-
-def initial_generator(cfg, device: str = "cpu"):
-    """The generator an arm starts training from: seeded and built exactly as the training loop does
-    (``torch.manual_seed(training.seed)``, then ``build_generator``, before the critic)."""
-    import torch
-
-    from pipeline.learning.learner import prepare_module
-    from pipeline.model import build_generator
-
-    torch.manual_seed(cfg.training.seed)
-    generator = prepare_module(build_generator(cfg), cfg, torch.device(device))
-    generator.eval()
-    return generator
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -274,12 +259,9 @@ def run_ablation(settings: AblationSettings) -> dict:
         init_ray(settings.address, 1)
         max_concurrent = settings.max_concurrent or default_concurrency(
             len(arms), plan["per_trial_cpus"], ray.cluster_resources().get("CPU", 1))
-        # The evaluation runs in the trial after its Train workers have finished: it gets their CPUs.
-        eval_threads = max(1, int(plan["workers"] * plan["configs"][arms[0]].run.cpus_per_worker))
     else:  # an embedded Ray sized for the concurrent arms; evaluations share this machine's cores
         max_concurrent = settings.max_concurrent or default_concurrency(len(arms), plan["per_trial_cpus"])
         init_ray(None, math.ceil(min(max_concurrent, len(arms)) * plan["per_trial_cpus"]))
-        eval_threads = max(1, (os.cpu_count() or 1) // min(max_concurrent, len(arms)))
     max_concurrent = min(max_concurrent, len(arms))
     print(f"[sparsegen] training {len(arms)} arm(s), {max_concurrent} at a time, {plan['workers']} Ray Train "
           f"worker(s) each; then evaluating {', '.join(metrics)} of each trained arm and of "
@@ -288,8 +270,7 @@ def run_ablation(settings: AblationSettings) -> dict:
         trial=TrialSetup(preset=settings.preset, overrides={}, data_url=data_url, workdir=str(workdir),
                          tracking_uri=tracking_uri, experiment=experiment, storage=str(workdir / "runs"),
                          search_name=settings.name, parent_run_id=parent_id),
-        arm_overrides=plan["overrides"], metrics=metrics, untrained_owner=plan["untrained_owner"],
-        eval_threads=eval_threads)
+        arm_overrides=plan["overrides"], metrics=metrics, untrained_owner=plan["untrained_owner"])
     trainable = tune.with_resources(tune.with_parameters(run_arm, setup=setup), trial_driver_resources(TRIAL_DRIVER_CPUS))
     tuner = tune.Tuner(
         trainable,
@@ -330,9 +311,7 @@ def run_arm(config: dict, setup: ArmSetup) -> None:
     """The Tune trainable of one arm (a Train driver, as ``pipeline.tuning.trial.run_trial``): train, then
     evaluate the trained generator and (when this arm owns it) the untrained initialisation."""
     import ray.tune
-    import torch
 
-    from pipeline.distributed.checkpoint import load_generator
     from pipeline.distributed.trainer import train
     from pipeline.evaluation.orchestration import log_to_mlflow
     from pipeline.tuning.relay import ReportRelay
@@ -353,17 +332,15 @@ def run_arm(config: dict, setup: ArmSetup) -> None:
         # At the last training step, so these (not the loop's holdout_mse_pm1 on one batch) are the run's latest.
         step = int(result["metrics"].get("step", 0))
 
-        torch.set_num_threads(setup.eval_threads)
         out = Path(setup.trial.workdir) / "ablations" / name / arm
         print(f"[sparsegen] arm {arm}: trained to step {step}; evaluating "
-              f"{', '.join(setup.metrics)}", flush=True)
-        eval_cfg, generator = load_generator(result["checkpoint"])
-        trained, artifacts = _evaluate(eval_cfg, generator, setup, out / "trained")
+              f"{', '.join(setup.metrics)} as a Ray task", flush=True)
+        trained, artifacts = _evaluate(cfg, result["checkpoint"], setup, out / "trained")
         log_to_mlflow(run_id, trained, artifacts, tracking_uri=tracking_uri, step=step)
         report = {"arm": arm, "run_id": run_id, "checkpoint": result["checkpoint"], "trained": trained}
         if setup.untrained_owner.get(pattern_of(arm)) == arm:
             print(f"[sparsegen] arm {arm}: evaluating its untrained initialisation (seed {cfg.training.seed})", flush=True)
-            untrained, artifacts = _evaluate(cfg, initial_generator(cfg), setup, out / "untrained")
+            untrained, artifacts = _evaluate(cfg, None, setup, out / "untrained")
             log_to_mlflow(run_id, {f"{UNTRAINED}_{k}": v for k, v in untrained.items()}, artifacts,
                           tracking_uri=tracking_uri, artifact_path="evaluation-untrained", step=step)
             report["untrained"] = untrained
@@ -374,11 +351,13 @@ def run_arm(config: dict, setup: ArmSetup) -> None:
     relay.finish({FINAL_KEY: 1.0, "mlflow_run_id": run_id, RESULT_KEY: json.dumps(report)})
 
 
-def _evaluate(cfg, generator, setup: ArmSetup, out: Path) -> tuple[dict[str, float], dict[str, str]]:
-    from pipeline.evaluation.orchestration import evaluate
+def _evaluate(cfg, checkpoint_uri: str | None, setup: ArmSetup, out: Path) -> tuple[dict[str, float], dict[str, str]]:
+    """The arm's trained checkpoint (or, with ``checkpoint_uri=None``, its untrained initialisation) evaluated
+    as a Ray task with the arm's worker resources (``evaluate_on_ray``), files written under ``out``."""
+    from pipeline.evaluation.orchestration import evaluate_on_ray
 
-    results, artifacts = evaluate(cfg, generator, setup.trial.data_url, setup.metrics, out_dir=str(out),
-                                  progress=False, seed=0)
+    results, artifacts, _ = evaluate_on_ray(cfg, checkpoint_uri, setup.trial.data_url, setup.metrics,
+                                            out_dir=str(out), untrained=checkpoint_uri is None, seed=0)
     return {k: float(v) for k, v in results.items()}, artifacts
 
 
@@ -493,6 +472,7 @@ def basis_figure(summary: dict, plan: dict, out: Path) -> Path | None:
 
     from pipeline.distributed.checkpoint import load_generator
     from pipeline.evaluation.basis import to_display
+    from pipeline.learning.learner import initial_generator
     from pipeline.evaluation.matching import units_for_matching
 
     layer = plan["layer"]
