@@ -35,6 +35,9 @@ def register(subparsers) -> None:
                       help="skip the naive baseline (parameter gradients in every Langevin step)")
     step.add_argument("--no-plain", action="store_true",
                       help="skip the competent plain-PyTorch baseline (frozen parameters in Langevin, dense convs)")
+    step.add_argument("--threads", type=int, default=None,
+                      help="torch intra-op threads (default: torch's, the number of cores); 1 keeps timings "
+                           "stable on a machine whose cores other jobs keep busy")
     step.add_argument("--json", action="store_true")
     step.set_defaults(func=run_step)
 
@@ -75,6 +78,10 @@ def run_step(args: argparse.Namespace) -> int:
     from pipeline.learning.bench import bench_step
 
     cfg = config_from_args(args, default_preset="tiny")
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
     result = bench_step(cfg, args.batch, device=args.device, repeats=args.steps,
                         with_baseline=not args.no_baseline, with_plain=not args.no_plain, progress=_progress)
     return _emit(result, args.json)

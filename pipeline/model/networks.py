@@ -157,7 +157,8 @@ class SparseGenerator(nn.Module):
         if return_masks:
             masks["fc4"] = mask
         for block_index, convs in enumerate(self.blocks):
-            sparse_input = block_index == 0 and self._sparse_first_conv_applies()
+            # (Dense on the meta device, where describe_layers runs shapes only and hooks every conv.)
+            sparse_input = block_index == 0 and x.device.type != "meta" and self._sparse_first_conv_applies()
             if not sparse_input:
                 x = F.interpolate(x, scale_factor=2, mode="nearest")
             for conv_index, conv in enumerate(convs):

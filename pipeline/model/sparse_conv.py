@@ -12,12 +12,16 @@ pixel belongs to gives, per (sample, cell), the "cell kernel"
 
     M[b, p, o, t] = sum_{c active at (b, p)} x[b, c, p] * W[o, c, t]            (n rows of W, not C)
 
-(one ``embedding_bag``: gather the active channels' 3x3 weight slices and sum them weighted by the
-values), and y = fold of the nearest-upsampled M with a 3x3 window: each upsampled pixel s adds its
-cell's kernel tap t to output q = s - t + 1 (``F.fold`` adds at s + t' - 1, so the taps are stored
-flipped, t' = 2 - t). Forward costs B * P * n * O * 9 multiply-adds instead of B * 4P * C * O * 9
-(k = 8 of 3200: 1/1600). Autograd differentiates the three ops: to the values (a dot product per active
-unit), to the weights (a scatter-add of n rows per cell) -- nothing is computed for the inactive
+(gather the active channels' 3x3 weight slices and sum them weighted by the values: ``embedding_bag`` on
+a cached channel-major copy of W, or a row gather from W and a batched matmul), and
+
+    y[b, o, q] = sum_{(p, t)} M[b, p, o, t] * A[(p, t), q]
+
+with A the constant 0/1 (16*9, 64) "assembly" matrix: A[(p, t), q] = 1 when the upsampled input pixel
+q + t - 1 is inside the map and belongs to cell p (one small GEMM; at most 9 ones per output pixel).
+Forward costs B * P * n * O * 9 multiply-adds (+ the assembly GEMM) instead of B * 4P * C * O * 9 (k = 8
+of 3200: 1/1600 of the layer). Autograd differentiates these ops: to the values (a dot product per
+active unit), to the weights (a scatter-add of n rows per cell) -- nothing is computed for the inactive
 channels, whose gradient the top-k mask zeroes anyway (the layer's gradient to its *input* is exact on
 the active units and 0 elsewhere; gradients to everything before the mask, Z included, are exact).
 
@@ -41,9 +45,10 @@ import torch.nn.functional as F
 from torch import nn
 
 # Sparse path when the active channels per cell are at most this fraction of the input channels. Measured
-# crossover (2-core AMD EPYC, torch 2.13 CPU; ``python -m pipeline.model.sparse_conv``): the sparse layer is
-# faster up to ~25 % active channels at 3200 channels and up to ~50 % at 128; 0.125 keeps a margin and
-# covers tiny's fc4 (16 of 128) and paper64's (8 of 3200).
+# with ``python -m pipeline.model.sparse_conv 4`` (3200 -> 512 channels, batch 4, interleaved, on the
+# shared 2-core dev box): sparse/dense speed-up 5.7x at 0.25 % active channels, 2.2x at 12.5 %, 1.2x
+# (backward to the input only) and 1.0x (with the weight gradient) at 25 %, 0.7-0.8x at 50 %. 0.125 keeps
+# a margin and covers tiny's fc4 (16 of 128 channels, where it also measured faster) and paper64's (8 of 3200).
 SPARSE_MAX_FRACTION = 0.125
 
 
