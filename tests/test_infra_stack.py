@@ -170,7 +170,7 @@ print("job python:", sys.executable)
 assert Path(sys.executable).parent == Path(os.environ["EXPECTED_BIN"]), sys.executable
 assert os.environ["RAY_AUTH_MODE"] == "token"
 assert os.environ["MLFLOW_TRACKING_URI"].startswith("http://127.0.0.1:")
-if sys.argv[1:] == ["--fail"]:
+if sys.argv[1:] == ["--name", "fail"]:  # a valid train argument: submit checks them before submitting
     sys.exit(3)
 import ray
 ray.init()
@@ -333,7 +333,7 @@ def _check_job_submission(env: dict[str, str], tmp_path: Path) -> None:
 
     # A failing job -> exit 1 with the final status.
     proc = run_cli("submit", "train", "--json", "--working-dir", str(work), "--env", f"EXPECTED_BIN={expected_bin}",
-                   "--", "--fail", env=client_env)
+                   "--", "--name", "fail", env=client_env)
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert last_json(proc)["status"] == "FAILED"
 

@@ -295,6 +295,7 @@ def test_a_trial_that_fails_once_restarts_from_its_checkpoint_and_finishes(ray_s
     assert child.info.status == "FINISHED" and child.data.tags["sparsegen.trial_status"] == "finished"
     assert child.data.tags.get("sparsegen.trial_restarts") == "1"
     steps = [m.step for m in client.get_metric_history(child.info.run_id, "reconstruction_mse")]
-    # Logged every 2 steps: 2 and 4 before the crash, 6 and 8 after the restart (from the step-4 checkpoint,
-    # not from scratch: step 2 is not trained twice).
-    assert sorted(steps) == [2, 4, 6, 8], steps
+    # Logged every 2 steps: 2 and 4 before the crash, then up to 8 after the restart from the latest checkpoint
+    # Ray Train had registered: step 4's, or under load step 2's (its report of step 4 was still in flight when
+    # rank 0 died at step 5; step 4 is then trained again). Never from scratch: step 2 is trained once.
+    assert sorted(set(steps)) == [2, 4, 6, 8] and steps.count(2) == 1 and steps.count(4) <= 2, steps
