@@ -115,7 +115,7 @@ def test_arms_make_the_dense_and_nocritic_configs():
 
     plan = prepare(AblationSettings(name="x", arms=["dense-nocritic", "sparse", "sparse-nocritic"],
                                     overrides=["model.sparsity.conv16=32"], max_steps=3))
-    configs = plan["configs"]
+    configs = plan.configs
     assert all(cfg.model.sparsity[layer] is None for cfg in [configs["dense-nocritic"]]
                for layer in configs["dense-nocritic"].layer_names())
     assert configs["sparse"].model.sparsity["conv16"] == 32 and configs["sparse"].model.sparsity["conv8"] == 16
@@ -123,7 +123,7 @@ def test_arms_make_the_dense_and_nocritic_configs():
     assert {cfg.training.max_steps for cfg in configs.values()} == {3}
     assert {cfg.training.seed for cfg in configs.values()} == {0}
     # The first arm of each sparsity pattern evaluates that pattern's untrained initialisation.
-    assert plan["untrained_owner"] == {"dense": "dense-nocritic", "sparse": "sparse"}
+    assert plan.untrained_owner == {"dense": "dense-nocritic", "sparse": "sparse"}
     ratios = compute_ratios({"sparse-nocritic": {"holdout_mse_pm1": 0.2}, "dense-nocritic": {"holdout_mse_pm1": 0.4},
                              "sparse": {"holdout_mse_pm1": 0.1}}, {}, "conv8")
     assert ratios == {"sparse-nocritic/dense-nocritic": {"holdout_mse_pm1": 0.5}}

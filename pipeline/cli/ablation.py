@@ -98,7 +98,7 @@ def run_ablation(args: argparse.Namespace) -> int:
         return report("sparsegen ablation", AblationError("; ".join(problems)), args)
     try:
         plan = prepare(settings)
-        check_command(tracking_uri=args.tracking_uri or plan["base"].run.tracking_uri
+        check_command(tracking_uri=args.tracking_uri or plan.base.run.tracking_uri
                       or os.environ.get("MLFLOW_TRACKING_URI"),
                       address=args.address or os.environ.get("RAY_ADDRESS"), data=args.data)
         from pipeline.tuning.ablation import run_ablation as run

@@ -50,6 +50,13 @@ def progress_line(progress: Progress) -> str:
             f"reconstruction MSE {progress.reconstruction_mse:.4f} | ETA {format_eta(progress.eta_s)}")
 
 
+def console(line: str) -> None:
+    """One line from a Train worker to the driver's console, once. Ray Train patches ``print`` in its
+    workers: a print to a wrapped ``sys.stdout`` goes both to the original stream and to Train's logger
+    (stderr), so the driver showed every line twice. Printing to the process's own stdout sends it once."""
+    print(line, file=sys.__stdout__ or sys.stdout, flush=True)
+
+
 def bar_wanted(stream=None) -> bool:
     """A bar when the driver's stdout is a terminal, unless ``SPARSEGEN_PROGRESS_BAR`` says otherwise."""
     forced = os.environ.get(PROGRESS_BAR_ENV)

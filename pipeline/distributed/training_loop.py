@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.distributed.progress import make_progress, progress_line
+from pipeline.distributed.progress import console, make_progress, progress_line
 from pipeline.distributed.progress import send as send_progress
 
 
@@ -114,9 +114,9 @@ def _train_loop(loop_config: dict) -> None:
     total_steps = cfg.training.max_steps or epoch_start_step + math.ceil(
         (cfg.training.epochs - epoch_index) * steps_per_epoch)
     if is_logger:
-        print(f"[sparsegen] rank 0/{world_size}: {steps_per_epoch} steps/epoch, {bank.num_rows} latents per rank "
-              f"({bank.memory_bytes / 1e6:.1f} MB), training to step {total_steps}"
-              f"{f', resumed at step {step} (epoch {epoch_index})' if step else ''}", flush=True)
+        console(f"[sparsegen] rank 0/{world_size}: {steps_per_epoch} steps/epoch, {bank.num_rows} latents per rank "
+                f"({bank.memory_bytes / 1e6:.1f} MB), training to step {total_steps}"
+                f"{f', resumed at step {step} (epoch {epoch_index})' if step else ''}")
 
     # Fixed images and prior latents for the grids, so pictures are comparable across steps.
     grid_z = torch.randn(32, cfg.model.latent_dim, generator=torch.Generator().manual_seed(1234)).to(device)
@@ -176,7 +176,7 @@ def _train_loop(loop_config: dict) -> None:
                     if progress_queue is not None:  # the driver draws a bar on its terminal
                         send_progress(progress_queue, progress)
                     else:
-                        print(progress_line(progress), flush=True)
+                        console(progress_line(progress))
                 window_start, window_images, window_steps, metric_sums = time.perf_counter(), 0, 0, {}
             # -- 5. evaluate ----------------------------------------------------------------------------
             if is_logger and (step % cfg.run.eval_every_steps == 0 or last):

@@ -75,6 +75,23 @@ class ArmSetup:
 
 
 @dataclass
+class AblationPlan:
+    """What ``prepare`` resolved from the settings, before Ray starts: every arm's config and the budget."""
+
+    arms: list[str]
+    base: Any  # pipeline.config.Config of the preset with the --set overrides
+    overrides: dict[str, dict[str, Any]]  # arm -> dotted overrides that make its config
+    configs: dict[str, Any]  # arm -> its validated Config
+    max_steps: int | None
+    epochs: float | None  # the budget in epochs when max_steps is None
+    untrained_owner: dict[str, str]  # sparsity pattern -> the arm that evaluates its untrained initialisation
+    per_trial_cpus: float  # a trial driver's CPUs + its Train workers'
+    layer: str  # the part layer scored (evaluation.matching_layer)
+    seed: int
+    workers: int
+
+
+@dataclass
 class AblationSettings:
     name: str
     preset: str = "tiny"
@@ -152,7 +169,7 @@ def ratio_metrics(layer: str) -> list[str]:
 # Preparation (everything that can fail on bad input fails here, before Ray starts)
 
 
-def prepare(settings: AblationSettings) -> dict:
+def prepare(settings: AblationSettings) -> "AblationPlan":
     """Validate arms, budget and configs; returns the plan (no data is touched)."""
     from pipeline.config import load_config
 
@@ -179,10 +196,10 @@ def prepare(settings: AblationSettings) -> dict:
         untrained_owner.setdefault(pattern_of(arm), arm)
     first = configs[arms[0]]
     per_trial_cpus = TRIAL_DRIVER_CPUS + first.run.workers * first.run.cpus_per_worker
-    return {"arms": arms, "base": base, "overrides": per_arm, "configs": configs, "max_steps": max_steps,
-            "epochs": None if max_steps is not None else first.training.epochs,
-            "untrained_owner": untrained_owner, "per_trial_cpus": per_trial_cpus,
-            "layer": base.evaluation.matching_layer, "seed": first.training.seed, "workers": first.run.workers}
+    return AblationPlan(arms=arms, base=base, overrides=per_arm, configs=configs, max_steps=max_steps,
+                        epochs=None if max_steps is not None else first.training.epochs,
+                        untrained_owner=untrained_owner, per_trial_cpus=per_trial_cpus,
+                        layer=base.evaluation.matching_layer, seed=first.training.seed, workers=first.run.workers)
 
 
 def resolve_data(settings: AblationSettings, base, workdir: Path) -> tuple[str, Any]:
@@ -230,17 +247,17 @@ def run_ablation(settings: AblationSettings) -> dict:
     if (tune_root / settings.name).exists():
         raise AblationError(f"an ablation named {settings.name!r} already ran in {tune_root}: choose another --name")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    base = plan["base"]
+    base = plan.base
     data_url, info = resolve_data(settings, base, workdir)
     metrics = ablation_metrics(info.has_ground_truth)
     tracking_uri = settings.tracking_uri or base.run.tracking_uri or mlflow_run.default_tracking_uri(workdir)
     experiment = base.run.experiment
-    arms = plan["arms"]
+    arms = plan.arms
 
     parent_params = {
         "ablation.name": settings.name, "ablation.preset": settings.preset, "ablation.arms": ",".join(arms),
-        "ablation.max_steps": plan["max_steps"], "ablation.epochs": plan["epochs"],
-        "ablation.workers": plan["workers"], "ablation.seed": plan["seed"], "ablation.metrics": ",".join(metrics),
+        "ablation.max_steps": plan.max_steps, "ablation.epochs": plan.epochs,
+        "ablation.workers": plan.workers, "ablation.seed": plan.seed, "ablation.metrics": ",".join(metrics),
         "ablation.data": data_url, "data.num_train": info.num_train, "data.num_holdout": info.num_holdout,
         **{f"set.{k}": v for k, v in parse_overrides(settings.overrides).items()},
     }
@@ -248,8 +265,8 @@ def run_ablation(settings: AblationSettings) -> dict:
         tracking_uri, experiment, settings.name, parent_params, kind="ablation",
         artifact_root=str(workdir / "mlartifacts"),
         tags={ABLATION_TAG: settings.name, "sparsegen.preset": settings.preset})
-    budget = f"{plan['max_steps']} steps" if plan["max_steps"] else f"{plan['epochs']:g} epochs"
-    print(f"[sparsegen] ablation '{settings.name}': arms {', '.join(arms)}, {budget} each, seed {plan['seed']}, "
+    budget = f"{plan.max_steps} steps" if plan.max_steps else f"{plan.epochs:g} epochs"
+    print(f"[sparsegen] ablation '{settings.name}': arms {', '.join(arms)}, {budget} each, seed {plan.seed}, "
           f"parent MLflow run {parent_id} at {tracking_uri}", flush=True)
 
     import ray
@@ -258,19 +275,19 @@ def run_ablation(settings: AblationSettings) -> dict:
     if joined:  # a cluster (or the caller's Ray): its CPUs decide
         init_ray(settings.address, 1)
         max_concurrent = settings.max_concurrent or default_concurrency(
-            len(arms), plan["per_trial_cpus"], ray.cluster_resources().get("CPU", 1))
+            len(arms), plan.per_trial_cpus, ray.cluster_resources().get("CPU", 1))
     else:  # an embedded Ray sized for the concurrent arms; evaluations share this machine's cores
-        max_concurrent = settings.max_concurrent or default_concurrency(len(arms), plan["per_trial_cpus"])
-        init_ray(None, math.ceil(min(max_concurrent, len(arms)) * plan["per_trial_cpus"]))
+        max_concurrent = settings.max_concurrent or default_concurrency(len(arms), plan.per_trial_cpus)
+        init_ray(None, math.ceil(min(max_concurrent, len(arms)) * plan.per_trial_cpus))
     max_concurrent = min(max_concurrent, len(arms))
-    print(f"[sparsegen] training {len(arms)} arm(s), {max_concurrent} at a time, {plan['workers']} Ray Train "
+    print(f"[sparsegen] training {len(arms)} arm(s), {max_concurrent} at a time, {plan.workers} Ray Train "
           f"worker(s) each; then evaluating {', '.join(metrics)} of each trained arm and of "
-          f"{len(plan['untrained_owner'])} untrained initialisation(s)", flush=True)
+          f"{len(plan.untrained_owner)} untrained initialisation(s)", flush=True)
     setup = ArmSetup(
         trial=TrialSetup(preset=settings.preset, overrides={}, data_url=data_url, workdir=str(workdir),
                          tracking_uri=tracking_uri, experiment=experiment, storage=str(workdir / "runs"),
                          search_name=settings.name, parent_run_id=parent_id),
-        arm_overrides=plan["overrides"], metrics=metrics, untrained_owner=plan["untrained_owner"])
+        arm_overrides=plan.overrides, metrics=metrics, untrained_owner=plan.untrained_owner)
     trainable = tune.with_resources(tune.with_parameters(run_arm, setup=setup), trial_driver_resources(TRIAL_DRIVER_CPUS))
     tuner = tune.Tuner(
         trainable,
@@ -286,14 +303,14 @@ def run_ablation(settings: AblationSettings) -> dict:
     for arm, error in failures.items():
         runs.mark_failed_by_name(tracking_uri, experiment, f"{settings.name}-{arm}", error)
 
-    layer = plan["layer"]
+    layer = plan.layer
     ratios = compute_ratios(trained, untrained, layer)
     summary = {
         "name": settings.name, "preset": settings.preset, "arms": trained, "untrained": untrained,
         "ratios": ratios, "parent_run_id": parent_id, "child_runs": children, "checkpoints": checkpoints,
         "layer": layer, "tracking_uri": tracking_uri,
-        "experiment": experiment, "metrics_evaluated": metrics, "max_steps": plan["max_steps"],
-        "epochs": plan["epochs"], "seed": plan["seed"], "workers": plan["workers"],
+        "experiment": experiment, "metrics_evaluated": metrics, "max_steps": plan.max_steps,
+        "epochs": plan.epochs, "seed": plan.seed, "workers": plan.workers,
         "max_concurrent": max_concurrent, "failed": failures,
     }
     print("[sparsegen] drawing the arms' basis functions and logging the table into the parent run", flush=True)
@@ -463,7 +480,7 @@ def summary_json(summary: dict) -> dict:
                       parse_constant=lambda _: None)
 
 
-def basis_figure(summary: dict, plan: dict, out: Path) -> Path | None:
+def basis_figure(summary: dict, plan: "AblationPlan", out: Path) -> Path | None:
     """A PNG with one row per arm (trained, then untrained): the part-level basis functions of the same Z's
     (the ``BASIS_UNITS_PER_LATENT`` strongest units of ``BASIS_LATENTS`` Z's), each drawn at its true size."""
     import numpy as np
@@ -475,12 +492,12 @@ def basis_figure(summary: dict, plan: dict, out: Path) -> Path | None:
     from pipeline.learning.learner import initial_generator
     from pipeline.evaluation.matching import units_for_matching
 
-    layer = plan["layer"]
+    layer = plan.layer
     generators = []
     for arm in summary["arms"]:
         generators.append((arm, load_generator(summary["checkpoints"][arm])))
     for pattern in summary["untrained"]:
-        cfg = plan["configs"][plan["untrained_owner"][pattern]]
+        cfg = plan.configs[plan.untrained_owner[pattern]]
         generators.append((f"{UNTRAINED}-{pattern}", (cfg, initial_generator(cfg))))
     if not generators:
         return None
