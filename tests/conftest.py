@@ -14,9 +14,9 @@ def _free_loopback_port() -> int:
         return probe.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def s3_server():
-    """A real S3 API (``moto_server``) on 127.0.0.1 for the session; yields its endpoint URL."""
+def start_moto_server(env: dict | None = None):
+    """Start ``moto_server`` on a free loopback port and wait until it answers; returns (process, endpoint).
+    ``env``: the server's environment (e.g. ``INITIAL_NO_AUTH_ACTION_COUNT=0`` to check credentials)."""
     import subprocess
     import sys
     import time
@@ -25,27 +25,38 @@ def s3_server():
 
     port = _free_loopback_port()
     executable = Path(sys.executable).with_name("moto_server")
-    process = subprocess.Popen(
-        [str(executable), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
+    process = subprocess.Popen([str(executable), "-H", "127.0.0.1", "-p", str(port)], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     endpoint = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 30
     while True:
         try:
             urllib.request.urlopen(endpoint + "/moto-api/", timeout=1)
-            break
+            return process, endpoint
         except OSError:
             if process.poll() is not None or time.monotonic() > deadline:
                 process.kill()
                 pytest.fail(f"moto_server did not become healthy on {endpoint}")
             time.sleep(0.05)
-    yield endpoint
+
+
+def stop_process(process) -> None:
+    import subprocess
+
     process.terminate()
     try:
         process.wait(timeout=10)
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 API (``moto_server``) on 127.0.0.1 for the session; yields its endpoint URL."""
+    process, endpoint = start_moto_server()
+    yield endpoint
+    stop_process(process)
 
 
 @pytest.fixture

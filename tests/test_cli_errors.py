@@ -109,28 +109,12 @@ def _fake_credentials(monkeypatch, endpoint):
 def s3_with_auth():
     """A moto S3 server that checks credentials (unknown access keys are refused, as AWS does)."""
     import os
-    import urllib.request
 
-    from tests.conftest import _free_loopback_port
+    from tests.conftest import start_moto_server, stop_process
 
-    port = _free_loopback_port()
-    process = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
-                               env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"},
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            urllib.request.urlopen(endpoint + "/moto-api/", timeout=1)
-            break
-        except OSError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                pytest.fail("moto_server with auth did not start")
-            time.sleep(0.05)
+    process, endpoint = start_moto_server(env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"})
     yield endpoint
-    process.terminate()
-    process.wait(timeout=10)
+    stop_process(process)
 
 
 @pytest.mark.parametrize("command", ["train", "tune", "ablation"])

@@ -81,6 +81,28 @@ def test_kth_largest_selection_matches_topk():
             assert torch.equal(_kth_largest(values, k, dim), expected)
 
 
+def _assert_steps_agree(cfg, learner, other_generator, other_critic, other_step, indices, images, steps: int = 2):
+    """``learner.step`` and ``other_step`` (same signature as ``baseline_step``) from the same weights, both
+    with plain SGD (parameters after a step are then linear in the gradients: Adam with beta1 = 0 moves
+    every weight by ~lr whatever its gradient's size, which could hide or fake a difference): Z, generator
+    and critic agree after every step."""
+    t = cfg.training
+    learner.generator_optimizer = torch.optim.SGD(learner.generator.parameters(), lr=t.generator_lr)
+    learner.critic_optimizer = torch.optim.SGD(learner.critic.parameters(), lr=t.critic_lr)
+    opt_g = torch.optim.SGD(other_generator.parameters(), lr=t.generator_lr)
+    opt_c = torch.optim.SGD(other_critic.parameters(), lr=t.critic_lr)
+    other_bank = LatentBank(indices.numel(), cfg.model.latent_dim)
+    rng = torch.Generator().manual_seed(t.seed)
+    for step in range(steps):
+        learner.step(indices, images)
+        other_step(cfg, other_generator, other_critic, opt_g, opt_c, other_bank, indices, images, rng)
+        torch.testing.assert_close(learner.bank.z, other_bank.z, rtol=1e-4, atol=1e-4, msg=f"Z after step {step}")
+        for (name, fast), base in zip(learner.generator.named_parameters(), other_generator.parameters()):
+            torch.testing.assert_close(fast, base, rtol=1e-4, atol=1e-5, msg=f"generator {name}, step {step}")
+        for (name, fast), base in zip(learner.critic.named_parameters(), other_critic.parameters()):
+            torch.testing.assert_close(fast, base, rtol=1e-4, atol=1e-5, msg=f"critic {name}, step {step}")
+
+
 def test_learner_step_matches_the_straightforward_implementation():
     # ABPLearner.step (parameters frozen in Langevin, fused top-k, g(Z^) reused from Step 1, no extra
     # forward for the final energy, channels-last) against ``baseline_step`` written from the paper.
@@ -94,24 +116,7 @@ def test_learner_step_matches_the_straightforward_implementation():
     torch.manual_seed(0)
     base_generator = _exact_topk_generator(cfg, pipeline.build_generator(cfg))
     base_critic = pipeline.build_critic(cfg)
-    t = cfg.training
-    # Plain SGD on both sides, so parameters after a step are linear in the gradients: Adam with beta1 = 0
-    # moves every weight by ~lr whatever its gradient's size, so a weight whose gradient is ~0 could
-    # move either way and hide (or fake) a difference.
-    learner.generator_optimizer = torch.optim.SGD(generator.parameters(), lr=t.generator_lr)
-    learner.critic_optimizer = torch.optim.SGD(critic.parameters(), lr=t.critic_lr)
-    opt_g = torch.optim.SGD(base_generator.parameters(), lr=t.generator_lr)
-    opt_c = torch.optim.SGD(base_critic.parameters(), lr=t.critic_lr)
-    base_bank = LatentBank(8, cfg.model.latent_dim)
-    rng = torch.Generator().manual_seed(t.seed)
-    for step in range(2):
-        learner.step(indices, images)
-        baseline_step(cfg, base_generator, base_critic, opt_g, opt_c, base_bank, indices, images, rng)
-        torch.testing.assert_close(learner.bank.z, base_bank.z, rtol=1e-4, atol=1e-4, msg=f"Z after step {step}")
-        for (name, fast), base in zip(generator.named_parameters(), base_generator.parameters()):
-            torch.testing.assert_close(fast, base, rtol=1e-4, atol=1e-5, msg=f"generator {name}, step {step}")
-        for (name, fast), base in zip(critic.named_parameters(), base_critic.parameters()):
-            torch.testing.assert_close(fast, base, rtol=1e-4, atol=1e-5, msg=f"critic {name}, step {step}")
+    _assert_steps_agree(cfg, learner, base_generator, base_critic, baseline_step, indices, images)
 
 
 def _dense_upsample_conv(x, weight, bias, scale):
@@ -266,21 +271,7 @@ def test_plain_step_matches_the_learner_step():
     critic = prepare_module(pipeline.build_critic(cfg), cfg, torch.device("cpu"))
     learner = ABPLearner(cfg, generator, critic, LatentBank(8, cfg.model.latent_dim), torch.device("cpu"))
     plain_generator, plain_critic = plain_models(cfg, torch.device("cpu"), seed=0)
-    t = cfg.training
-    learner.generator_optimizer = torch.optim.SGD(generator.parameters(), lr=t.generator_lr)
-    learner.critic_optimizer = torch.optim.SGD(critic.parameters(), lr=t.critic_lr)
-    opt_g = torch.optim.SGD(plain_generator.parameters(), lr=t.generator_lr)
-    opt_c = torch.optim.SGD(plain_critic.parameters(), lr=t.critic_lr)
-    plain_bank = LatentBank(8, cfg.model.latent_dim)
-    rng = torch.Generator().manual_seed(t.seed)
-    for step in range(2):
-        learner.step(indices, images)
-        plain_step(cfg, plain_generator, plain_critic, opt_g, opt_c, plain_bank, indices, images, rng)
-        torch.testing.assert_close(learner.bank.z, plain_bank.z, rtol=1e-4, atol=1e-4, msg=f"Z after step {step}")
-        for (name, fast), base in zip(generator.named_parameters(), plain_generator.parameters()):
-            torch.testing.assert_close(fast, base, rtol=1e-4, atol=1e-5, msg=f"generator {name}, step {step}")
-        for (name, fast), base in zip(critic.named_parameters(), plain_critic.parameters()):
-            torch.testing.assert_close(fast, base, rtol=1e-4, atol=1e-5, msg=f"critic {name}, step {step}")
+    _assert_steps_agree(cfg, learner, plain_generator, plain_critic, plain_step, indices, images)
     assert all(p.requires_grad for p in [*plain_generator.parameters(), *plain_critic.parameters()])
 
 
