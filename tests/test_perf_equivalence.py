@@ -11,7 +11,7 @@ import pipeline
 from pipeline.learning import ABPLearner, LatentBank, langevin_infer
 from pipeline.learning.bench import _exact_topk_generator, baseline_step, plain_models, plain_step
 from pipeline.learning.learner import prepare_module
-from pipeline.model import relu_topk, spatial_relu_topk, sparse_conv, topk_mask
+from pipeline.model import relu_topk, spatial_relu_topk, sparse_conv, topk_mask, upsample_conv
 from pipeline.model.sparsity import _kth_largest
 
 
@@ -259,6 +259,85 @@ def test_frozen_weight_cache_matches_uncached_chain_and_is_released(monkeypatch)
         before = generator(z0)
         generator.blocks[1][0].weight.mul_(1.5)
         assert not torch.allclose(generator(z0), before)
+
+
+def test_transposed_upsample_conv_matches_interpolate_then_conv():
+    # upsample x2 + 3x3 same conv as one stride-2 transposed conv: values and gradients to input, weight and
+    # bias, square and non-square maps, both memory layouts, odd channel counts.
+    import torch.nn.functional as F
+
+    gen = torch.Generator().manual_seed(0)
+    for (batch, c, o, h, w) in ((3, 5, 7, 4, 4), (2, 16, 3, 8, 5), (4, 32, 16, 16, 16)):
+        for channels_last in (False, True):
+            x = torch.randn(batch, c, h, w, generator=gen)
+            weight = torch.randn(o, c, 3, 3, generator=gen) / (9 * c) ** 0.5  # unit-scale outputs, as in the model
+            bias = torch.randn(o, generator=gen)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+                weight = weight.contiguous(memory_format=torch.channels_last)
+            results = []
+            for fused in (False, True):
+                xi, wi, bi = (t.clone().requires_grad_(True) for t in (x, weight, bias))
+                if fused:
+                    y = upsample_conv.upsample_conv3x3(xi, upsample_conv.phase_kernel(wi), bi)
+                else:
+                    y = F.conv2d(F.interpolate(xi, scale_factor=2, mode="nearest"), wi, bi, padding=1)
+                upstream = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
+                results.append((y.detach(), *torch.autograd.grad(y, [xi, wi, bi], upstream)))
+            case = (batch, c, o, h, w, channels_last)
+            assert results[1][0].shape == (batch, o, 2 * h, 2 * w)
+            for name, a, b in zip(("values", "input grad", "weight grad", "bias grad"), results[1], results[0]):
+                # Weight gradients sum batch x 4HW products: a tolerance relative to their size.
+                scale = float(b.abs().max())
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-6 * max(1.0, scale), msg=f"{name} {case}")
+
+
+def test_transposed_upsample_conv_rule():
+    conv = pipeline.build_generator(_cfg()).blocks[1][0]
+    small = torch.zeros(2, conv.weight.shape[1], 8, 8)
+    large = torch.zeros(upsample_conv.FUSED_MIN_INPUT_POSITIONS // 64, conv.weight.shape[1], 8, 8)
+    assert not upsample_conv.fused_applies(small, conv)  # a weight gradient and few positions: dense
+    assert upsample_conv.fused_applies(large, conv)
+    assert not upsample_conv.fused_applies(large.to("meta"), conv)  # measured on CPU only
+    with sparse_conv.frozen_weight_cache(conv):  # frozen (Langevin): always, with the kernel built once
+        assert upsample_conv.fused_applies(small, conv)
+        assert conv.phase_kernel() is conv.phase_kernel()
+        torch.testing.assert_close(conv.phase_kernel(), upsample_conv.phase_kernel(conv.weight * conv.scale))
+    assert conv._frozen_phase_kernel is None
+
+
+def test_generator_with_transposed_upsample_conv_matches_dense_generator(monkeypatch):
+    # The whole generator with and without the transposed form: images, d/dZ and every parameter gradient at
+    # a batch large enough for it with a weight gradient; and a Langevin chain (frozen weights, a small
+    # batch) against the same chain with it off.
+    calls = []
+    real = upsample_conv.upsample_conv3x3
+    monkeypatch.setattr(upsample_conv, "upsample_conv3x3", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    cfg = _cfg()
+    torch.manual_seed(0)
+    generator = prepare_module(pipeline.build_generator(cfg), cfg, torch.device("cpu"))
+    z = torch.randn(16, cfg.model.latent_dim, generator=torch.Generator().manual_seed(2))
+    y = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    results = []
+    for fused in (True, False):
+        generator.fused_upsample_conv = fused
+        calls.clear()
+        zi = z.clone().requires_grad_(True)
+        images = generator(zi)
+        grads = torch.autograd.grad((images * torch.linspace(-1, 1, images.numel()).view_as(images)).sum(),
+                                    [zi, *generator.parameters()])
+        forward_calls = len(calls)
+        chain = langevin_infer(generator, z[:3], y, steps=3, step_size=0.1, noise_sigma=0.3,
+                               generator_rng=torch.Generator().manual_seed(5)).z
+        assert (forward_calls, len(calls) > forward_calls) == ((2, True) if fused else (0, False))
+        results.append((images.detach(), grads, chain))
+    (img_f, grads_f, chain_f), (img_d, grads_d, chain_d) = results
+    torch.testing.assert_close(img_f, img_d, rtol=1e-5, atol=1e-5)
+    for (name, _), a, b in zip([("z", None), *generator.named_parameters()], grads_f, grads_d):
+        # A tolerance relative to the gradient's size (weight gradients sum over batch and positions).
+        scale = max(1.0, float(b.abs().max()))
+        assert float((a - b).abs().max()) <= 1e-5 * scale, (name, float((a - b).abs().max()), scale)
+    torch.testing.assert_close(chain_f, chain_d, rtol=1e-4, atol=1e-4)
 
 
 def test_plain_step_matches_the_learner_step():

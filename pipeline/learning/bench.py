@@ -101,18 +101,20 @@ def _exact_topk_generator(cfg: Config, source) -> torch.nn.Module:
     generator = copy.deepcopy(source)
     generator.ties = "exact"
     generator.sparse_first_conv = False
+    generator.fused_upsample_conv = False
     return generator
 
 
 @contextlib.contextmanager
-def dense_first_conv(generator):
-    """The generator with its sparse first conv switched to the dense form (to count dense-equivalent FLOPs)."""
-    previous = generator.sparse_first_conv
-    generator.sparse_first_conv = False
+def dense_equivalent(generator):
+    """The generator with its sparse first conv and its transposed upsample + conv switched to the dense
+    forms (interpolate + conv2d), to count dense-equivalent FLOPs."""
+    previous = generator.sparse_first_conv, generator.fused_upsample_conv
+    generator.sparse_first_conv = generator.fused_upsample_conv = False
     try:
         yield generator
     finally:
-        generator.sparse_first_conv = previous
+        generator.sparse_first_conv, generator.fused_upsample_conv = previous
 
 
 def _set_requires_grad(module, flag: bool) -> None:
@@ -232,7 +234,7 @@ def bench_step(cfg: Config, batch_size: int, device: str = "cpu", repeats: int =
     lv = cfg.langevin
 
     say("counting FLOPs (dense equivalent)")
-    with dense_first_conv(generator):
+    with dense_equivalent(generator):
         iteration_flops = count_flops(lambda: learner.step(indices, images))
     z0 = bank.gather(indices, device_obj)
 
@@ -241,7 +243,7 @@ def bench_step(cfg: Config, batch_size: int, device: str = "cpu", repeats: int =
         return langevin_infer(generator, z0, images, **chain_options(lv), generator_rng=learner.rng,
                               autocast_dtype=learner.autocast_dtype, compute_energy_end=False)
 
-    with dense_first_conv(generator):
+    with dense_equivalent(generator):
         langevin_flops = count_flops(langevin)
     baseline = plain = None
     if with_baseline:

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.config import Config
-from pipeline.model import sparse_conv
+from pipeline.model import sparse_conv, upsample_conv
 from pipeline.model.sparsity import relu_topk, spatial_relu_topk
 
 
@@ -57,9 +57,11 @@ class ScaledLinear(nn.Module):
 class ScaledConv2d(nn.Module):
     """3x3 same-padding convolution with optional equalized-learning-rate scaling."""
 
-    # weight * scale (and its channel-major form) while sparse_conv.frozen_weight_cache is active.
+    # weight * scale (and its channel-major and transposed-kernel forms) while sparse_conv.frozen_weight_cache
+    # is active.
     _frozen_weight = None
     _frozen_channel_major = None
+    _frozen_phase_kernel = None
 
     def __init__(self, in_channels: int, out_channels: int, equalized: bool, gain: float = math.sqrt(2)):
         super().__init__()
@@ -85,6 +87,15 @@ class ScaledConv2d(nn.Module):
             self._frozen_channel_major = sparse_conv.channel_major_weight(self._frozen_weight).contiguous()
         return self._frozen_channel_major
 
+    def phase_kernel(self) -> torch.Tensor:
+        """``upsample_conv.phase_kernel`` of the scaled weight (upsample x2 + this conv as one transposed
+        conv); built once per frozen-weight cache, else from the parameter (differentiable)."""
+        if self._frozen_weight is not None:
+            if self._frozen_phase_kernel is None:
+                self._frozen_phase_kernel = upsample_conv.phase_kernel(self._frozen_weight)
+            return self._frozen_phase_kernel
+        return upsample_conv.phase_kernel(self.weight if self.scale == 1.0 else self.weight * self.scale)
+
 
 def conv_blocks(in_channels: int, widths: list[int], convs_per_block: int, equalized: bool) -> nn.ModuleList:
     """One block of ``convs_per_block`` 3x3 convs per width (the first conv of a block changes the width)."""
@@ -101,8 +112,11 @@ def conv_blocks(in_channels: int, widths: list[int], convs_per_block: int, equal
 class SparseGenerator(nn.Module):
     """g(Z; Theta, k): the generator of Eq. 7 with top-k sparsity after the activation of each layer."""
 
-    # The first conv after fc4 from fc4's active channels only (sparse_conv.py; the same values as dense).
+    # The first conv after fc4 from fc4's active channels only (sparse_conv.py), and upsample + first conv
+    # of the other blocks as one transposed conv where it measured faster (upsample_conv.py). Both give the
+    # dense layers' values up to float rounding; off, every block is F.interpolate + conv2d.
     sparse_first_conv = True
+    fused_upsample_conv = True
 
     def __init__(self, cfg: Config):
         super().__init__()
@@ -159,11 +173,13 @@ class SparseGenerator(nn.Module):
         for block_index, convs in enumerate(self.blocks):
             # (Dense on the meta device, where describe_layers runs shapes only and hooks every conv.)
             sparse_input = block_index == 0 and x.device.type != "meta" and self._sparse_first_conv_applies()
-            if not sparse_input:
-                x = F.interpolate(x, scale_factor=2, mode="nearest")
             for conv_index, conv in enumerate(convs):
-                # upsample + conv from fc4's active channels (it falls back to dense when they are many).
-                pre = sparse_conv.upsample_conv(conv, x) if sparse_input and conv_index == 0 else conv(x)
+                if conv_index > 0:
+                    pre = conv(x)
+                elif sparse_input:  # from fc4's active channels (it falls back to dense when they are many)
+                    pre = sparse_conv.upsample_conv(conv, x)
+                else:
+                    pre = upsample_conv.upsample_conv(conv, x, fused=self.fused_upsample_conv)
                 if conv_index == len(convs) - 1:
                     k = self.k[self.layer_names[block_index + 1]]
                     x, mask = spatial_relu_topk(pre, k, self.ties, return_mask=return_masks)

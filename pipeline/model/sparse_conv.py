@@ -33,7 +33,8 @@ sparsity schedule) the dense convolution runs instead: the crossover measured on
 
 ``frozen_weight_cache(module)``: while parameters are frozen (the Langevin loop), equalized-learning-rate
 layers compute ``weight * scale`` once instead of in every forward of every step, and the first conv's
-channel-major weight matrix above is built once per chain instead of once per forward.
+channel-major weight matrix above (and the other blocks' transposed-conv kernels, ``upsample_conv.py``) are
+built once per chain instead of once per forward.
 """
 
 from __future__ import annotations
@@ -155,12 +156,14 @@ def frozen_weight_cache(module: nn.Module):
     for layer in layers:
         layer._frozen_weight = _scaled(layer).detach()
         layer._frozen_channel_major = None  # built on first use
+        layer._frozen_phase_kernel = None
     try:
         yield module
     finally:
         for layer in layers:
             layer._frozen_weight = None
             layer._frozen_channel_major = None
+            layer._frozen_phase_kernel = None
 
 
 def _scaled(layer: nn.Module) -> torch.Tensor:
