@@ -181,3 +181,14 @@ def to_display(pattern: np.ndarray) -> np.ndarray:
         return np.zeros((1, 1, 3), np.float32)
     lo, hi = float(hwc.min()), float(hwc.max())
     return np.full_like(hwc, 0.5) if hi - lo < 1e-12 else (hwc - lo) / (hi - lo)
+
+
+def display_tile(pattern: np.ndarray | None, size: int):
+    """A basis function (3, h, w) as a PIL image: ``to_display``, then enlarged (nearest) to ``size`` pixels
+    on its longer side (None or an empty support gives a black tile)."""
+    from PIL import Image
+
+    shown = (to_display(pattern if pattern is not None else np.zeros((3, 0, 0))) * 255).round().astype(np.uint8)
+    h, w = shown.shape[:2]
+    scale = size / max(h, w, 1)
+    return Image.fromarray(shown).resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.NEAREST)

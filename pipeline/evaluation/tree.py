@@ -36,11 +36,11 @@ from pipeline.evaluation.basis import (
     Unit,
     active_units,
     basis_functions,
+    display_tile,
     forward_with_masks,
     layer_side,
     propagate_between,
     receptive_field_centre_px,
-    to_display,
 )
 
 DEFAULT_TREE_LAYERS = ("conv8", "conv16", "conv32")
@@ -185,20 +185,9 @@ def _font(size: int = FONT_PX):
         return ImageFont.load_default()
 
 
-def _tile(pattern: np.ndarray | None, size: int = TILE_PX):
-    """A basis function (3, h, w), min-max normalised (``to_display``), enlarged (nearest) to ``size`` on its
-    longer side."""
-    from PIL import Image
-
-    shown = (to_display(pattern if pattern is not None else np.zeros((3, 0, 0))) * 255).round().astype(np.uint8)
-    h, w = shown.shape[:2]
-    scale = size / max(h, w, 1)
-    return Image.fromarray(shown).resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.NEAREST)
-
-
 def _paste_tile(canvas, draw, pattern, x: int, y: int, frame, frame_width: int = 1, size: int = TILE_PX) -> None:
     """The tile centred in the ``size`` square at (x, y), a frame around the square."""
-    tile = _tile(pattern, size)
+    tile = display_tile(pattern, size)
     draw.rectangle([x - frame_width, y - frame_width, x + size - 1 + frame_width, y + size - 1 + frame_width],
                    outline=frame, width=frame_width, fill=(235, 235, 235))
     canvas.paste(tile, (x + (size - tile.width) // 2, y + (size - tile.height) // 2))

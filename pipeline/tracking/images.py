@@ -31,17 +31,13 @@ def image_grid(images: torch.Tensor, columns: int = 8, padding_px: int = 2) -> I
 def basis_grid(patterns_chw: list[np.ndarray], columns: int = 8, tile_px: int = 48, padding_px: int = 2) -> Image.Image:
     """Tile basis functions (signed (3, h, w) patterns, each min-max normalised for display) into one RGB
     picture, each enlarged (nearest) to ``tile_px`` on its longer side and centred in its tile."""
-    from pipeline.evaluation.basis import to_display
+    from pipeline.evaluation.basis import display_tile
 
     rows = max(1, (len(patterns_chw) + columns - 1) // columns)
     step = tile_px + padding_px
     canvas = np.full((rows * step + padding_px, columns * step + padding_px, 3), 255, np.uint8)
     for i, pattern in enumerate(patterns_chw):
-        shown = (to_display(pattern) * 255).round().astype(np.uint8)
-        h, w = shown.shape[:2]
-        scale = tile_px / max(h, w, 1)
-        tile = np.asarray(Image.fromarray(shown).resize((max(1, round(w * scale)), max(1, round(h * scale))),
-                                                        Image.NEAREST))
+        tile = np.asarray(display_tile(pattern, tile_px))
         r, c = divmod(i, columns)
         top = padding_px + r * step + (tile_px - tile.shape[0]) // 2
         left = padding_px + c * step + (tile_px - tile.shape[1]) // 2
