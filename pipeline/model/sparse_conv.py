@@ -171,18 +171,27 @@ def _scaled(layer: nn.Module) -> torch.Tensor:
         return layer.weight if layer.scale == 1.0 else layer.weight * layer.scale
 
 
+def interleaved_medians(cases, repeats: int) -> list[float]:  # pragma: no cover - for measuring scripts
+    """Median seconds of each callable in ``cases`` after one warm-up, timed in turn repeat by repeat (so a
+    shared machine slows all cases alike)."""
+    import statistics
+    import time
+
+    for case in cases:
+        case()
+    times = [[] for _ in cases]
+    for _ in range(repeats):
+        for i, case in enumerate(cases):
+            start = time.perf_counter()
+            case()
+            times[i].append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
+
+
 def _crossover(batch: int = 4, repeats: int = 5) -> None:  # pragma: no cover - a measuring script
     """Sparse vs dense upsample + conv over the fraction of active channels, timed interleaved: forward +
     backward to the input with a cached channel-major weight (a Langevin step), and forward + backward to
     input and weight (the generator step). ``python -m pipeline.model.sparse_conv [batch]``."""
-    import statistics
-    import time
-
-    def seconds(fn):
-        start = time.perf_counter()
-        fn()
-        return time.perf_counter() - start
-
     for c, o in ((3200, 512), (128, 64)):
         weight = torch.randn(o, c, 3, 3).contiguous(memory_format=torch.channels_last).requires_grad_(True)
         cached = channel_major_weight(weight.detach()).contiguous()
@@ -200,15 +209,9 @@ def _crossover(batch: int = 4, repeats: int = 5) -> None:  # pragma: no cover - 
             def sparse(wrt, cm=None):
                 torch.autograd.grad(sparse_upsample_conv3x3(x, weight, None, n, 1.0, cm), wrt, grad)
 
-            cases = (lambda: dense([x]), lambda: sparse([x], cached), lambda: dense([x, weight]),
-                     lambda: sparse([x, weight]))
-            for case in cases:
-                case()
-            times = [[] for _ in cases]
-            for _ in range(repeats):
-                for i, case in enumerate(cases):
-                    times[i].append(seconds(case))
-            d_in, s_in, d_all, s_all = (statistics.median(t) for t in times)
+            d_in, s_in, d_all, s_all = interleaved_medians(
+                (lambda: dense([x]), lambda: sparse([x], cached), lambda: dense([x, weight]),
+                 lambda: sparse([x, weight])), repeats)
             print(f"C={c} n={n} ({fraction:.2%}): Langevin-like dense {d_in * 1e3:.1f} ms sparse {s_in * 1e3:.1f} ms "
                   f"({d_in / s_in:.2f}x); with weight grad dense {d_all * 1e3:.1f} ms sparse {s_all * 1e3:.1f} ms "
                   f"({d_all / s_all:.2f}x)", flush=True)

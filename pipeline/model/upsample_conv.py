@@ -75,13 +75,7 @@ def _crossover(repeats: int = 5) -> None:  # pragma: no cover - a measuring scri
     """Transposed vs dense form, forward + backward to the input (a Langevin step) and to input and weight
     (the generator step), timed interleaved over the layer shapes of tiny and paper64 at a few batch sizes.
     ``python -m pipeline.model.upsample_conv``."""
-    import statistics
-    import time
-
-    def seconds(fn):
-        start = time.perf_counter()
-        fn()
-        return time.perf_counter() - start
+    from pipeline.model.sparse_conv import interleaved_medians
 
     shapes = [(4, 512, 256, 8), (4, 256, 128, 16), (4, 128, 64, 32), (32, 64, 32, 8), (32, 32, 16, 16),
               (32, 128, 64, 4), (8, 64, 32, 8), (4, 32, 16, 16)]
@@ -101,14 +95,8 @@ def _crossover(repeats: int = 5) -> None:  # pragma: no cover - a measuring scri
             kernel = phase_kernel(weight) if len(wrt) > 1 else frozen_kernel
             torch.autograd.grad(upsample_conv3x3(x, kernel, None), wrt, grad)
 
-        cases = (lambda: dense([x]), lambda: fused([x]), lambda: dense([x, weight]), lambda: fused([x, weight]))
-        for case in cases:
-            case()
-        times = [[] for _ in cases]
-        for _ in range(repeats):
-            for i, case in enumerate(cases):
-                times[i].append(seconds(case))
-        d_in, f_in, d_all, f_all = (statistics.median(t) for t in times)
+        d_in, f_in, d_all, f_all = interleaved_medians(
+            (lambda: dense([x]), lambda: fused([x]), lambda: dense([x, weight]), lambda: fused([x, weight])), repeats)
         print(f"batch {batch}, {c} -> {o} at {h} -> {2 * h} ({batch * h * h} input positions): to the input "
               f"dense {d_in * 1e3:.2f} ms, transposed {f_in * 1e3:.2f} ms ({d_in / f_in:.2f}x); with the weight "
               f"gradient {d_all * 1e3:.2f} / {f_all * 1e3:.2f} ms ({d_all / f_all:.2f}x)", flush=True)
