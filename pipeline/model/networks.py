@@ -177,7 +177,7 @@ class SparseGenerator(nn.Module):
                 if conv_index > 0:
                     pre = conv(x)
                 elif sparse_input:  # from fc4's active channels (it falls back to dense when they are many)
-                    pre = sparse_conv.upsample_conv(conv, x)
+                    pre = sparse_conv.upsample_conv(conv, x, fused=self.fused_upsample_conv)
                 else:
                     pre = upsample_conv.upsample_conv(conv, x, fused=self.fused_upsample_conv)
                 if conv_index == len(convs) - 1:

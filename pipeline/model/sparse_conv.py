@@ -45,6 +45,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# (Its upsample_conv is this module's dense fallback; named apart from this module's own upsample_conv.)
+from pipeline.model import upsample_conv as dense_forms
+
 # Sparse path when the active channels per cell are at most this fraction of the input channels. Measured
 # with ``python -m pipeline.model.sparse_conv 4`` (3200 -> 512 channels, batch 4, interleaved, on the
 # shared 2-core dev box): sparse/dense speed-up 5.7x at 0.25 % active channels, 2.2x at 12.5 %, 1.2x
@@ -134,9 +137,10 @@ def _assembly(h: int, w: int, device, dtype) -> torch.Tensor:
     return _ASSEMBLY[key]
 
 
-def upsample_conv(conv: nn.Module, x: torch.Tensor, sparse: bool = True) -> torch.Tensor:
+def upsample_conv(conv: nn.Module, x: torch.Tensor, sparse: bool = True, fused: bool = True) -> torch.Tensor:
     """``conv(F.interpolate(x, scale_factor=2, mode="nearest"))`` for a ``ScaledConv2d`` ``conv``, from the
-    active channels of ``x`` when they are few (see the module docstring), densely otherwise."""
+    active channels of ``x`` when they are few (see the module docstring), otherwise as every other block's
+    upsample + conv (``upsample_conv.upsample_conv``, transposed where that applies and ``fused``)."""
     c = x.shape[1]
     if sparse and conv.weight.shape[2:] == (3, 3):
         n = active_channel_count(x)
@@ -145,7 +149,7 @@ def upsample_conv(conv: nn.Module, x: torch.Tensor, sparse: bool = True) -> torc
             if conv.weight.is_contiguous(memory_format=torch.channels_last):
                 out = out.contiguous(memory_format=torch.channels_last)
             return out
-    return conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+    return dense_forms.upsample_conv(conv, x, fused=fused)
 
 
 @contextlib.contextmanager

@@ -15,7 +15,7 @@ gradients are those of the dense layer.
 
 Which form runs is a rule (``fused_applies``), not a timing, from ``python -m pipeline.model.upsample_conv``
 on CPU (README Performance): with frozen weights (the Langevin loop, where ``frozen_weight_cache`` builds K
-once per chain) the transposed form measured 1.7-2.6x faster at every layer shape of ``tiny`` and
+once per chain) the transposed form measured 1.5-2.6x faster at every layer shape of ``tiny`` and
 ``paper64``; when the weight gradient is needed, building K and its backward cost more than the saving at
 small maps, so it runs there only from ``FUSED_MIN_INPUT_POSITIONS`` (batch x H x W of the input) on. On
 other devices the dense form runs: the transposed form has not been measured there.
