@@ -79,6 +79,11 @@ class ScaledConv2d(nn.Module):
             weight = self.weight if self.scale == 1.0 else self.weight * self.scale
         return F.conv2d(x, weight, self.bias if use_bias else None, padding=1)
 
+    @property
+    def weight_frozen(self) -> bool:
+        """Whether ``sparse_conv.frozen_weight_cache`` holds this layer's scaled weight (no weight gradient)."""
+        return self._frozen_weight is not None
+
     def cached_channel_major(self) -> torch.Tensor | None:
         """The frozen weight as ``sparse_conv.channel_major_weight``, built once per cache; None uncached."""
         if self._frozen_weight is None:

@@ -60,7 +60,7 @@ def fused_applies(x: torch.Tensor, conv: nn.Module) -> bool:
     if x.device.type != "cpu" or conv.weight.shape[2:] != (3, 3):
         return False
     b, _, h, w = x.shape
-    return conv._frozen_weight is not None or b * h * w >= FUSED_MIN_INPUT_POSITIONS
+    return conv.weight_frozen or b * h * w >= FUSED_MIN_INPUT_POSITIONS
 
 
 def upsample_conv(conv: nn.Module, x: torch.Tensor, fused: bool = True) -> torch.Tensor:
