@@ -97,6 +97,11 @@ class TrainingConfig:
     batch_size: int = 100
     epochs: float = 2000.0
     max_steps: int | None = None
+    # Wall-clock budget of the training loop in minutes (None = none): the run stops at the first log
+    # interval (run.log_every_steps) past it, on every rank at the same step, and ends as at max_steps
+    # (final checkpoint, end-of-training evaluation). Counted per invocation: a resumed run gets it anew.
+    # For job slots with a time limit, and `sparsegen demo`'s fixed wall time on machines of any speed.
+    max_train_minutes: float | None = None
     seed: int = 0
     generator_lr: float = 7e-4
     generator_betas: list[float] = field(default_factory=lambda: [0.0, 0.99])
@@ -489,6 +494,8 @@ def validate(cfg: Config) -> None:
         p.append(f"training.epochs: must be positive, got {t.epochs}")
     if t.max_steps is not None and t.max_steps <= 0:
         p.append(f"training.max_steps: must be positive or null, got {t.max_steps}")
+    if t.max_train_minutes is not None and not t.max_train_minutes > 0:
+        p.append(f"training.max_train_minutes: must be positive or null, got {t.max_train_minutes}")
     for name in ("generator_lr", "critic_lr"):
         if getattr(t, name) <= 0:
             p.append(f"training.{name}: must be positive, got {getattr(t, name)}")

@@ -28,6 +28,7 @@ from pipeline.config import ConfigError, config_from_dict
         (["evaluation.inference_step_size=0.0"], "evaluation.inference_step_size: must be positive or null"),
         (["evaluation.swd_images=0"], "evaluation.swd_images: must be positive"),
         (["evaluation.at_end=[swd, fdi]"], "unknown evaluation.at_end metric 'fdi'; did you mean 'fid'?"),
+        (["training.max_train_minutes=0"], "training.max_train_minutes: must be positive or null, got 0"),
     ],
 )
 def test_each_mistake_has_its_message(overrides, message):

@@ -140,6 +140,39 @@ def test_progress_line_names_step_throughput_mse_and_eta():
     assert "ETA 2h00m" in line(1, 7201, {}, 1.0, 1)
 
 
+def test_eta_is_at_most_what_is_left_of_the_time_budget():
+    from pipeline.distributed.progress import make_progress
+
+    # 10 of 1,000 steps in 60 s: 99 min at that pace, but only 4 min of a 5-minute budget are left.
+    assert make_progress(10, 1000, {}, 60.0, 10).eta_s == pytest.approx(5940.0)
+    assert make_progress(10, 1000, {}, 60.0, 10, budget_s=300.0).eta_s == pytest.approx(240.0)
+    assert make_progress(10, 1000, {}, 400.0, 10, budget_s=300.0).eta_s == 0.0
+
+
+def test_time_budget_stops_every_worker_at_the_same_step_and_ends_like_max_steps(ray_session, demo_shards, workdir):
+    """training.max_train_minutes: both ranks stop at the first log interval past the budget (step 2 here,
+    since any step outlasts 0.6 ms), with the final checkpoint of that step and the end-of-run report."""
+    cfg = _cfg(demo_shards, "run.workers=2", "training.max_steps=40", "training.max_train_minutes=0.00001",
+               "run.name=budget-run")
+    result = train(cfg, workdir=str(workdir))
+    assert result["metrics"]["step"] == 2
+    loaded = load_checkpoint(result["checkpoint"])
+    assert loaded.meta["step"] == 2 and loaded.state["step"] == 2
+    # Both ranks wrote their latents part into the step-2 checkpoint (a rank that went on would have hung).
+    assert loaded.meta["latents"]["world_size"] == 2 and len(loaded.meta["latents"]["parts"]) == 2
+    run = mlflow_run.client(result["tracking_uri"]).get_run(result["run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["sparsegen.stopped_by"] == "max_train_minutes"
+    assert run.data.params["training.max_train_minutes"] == "1e-05"
+
+
+def test_demo_rejects_bad_limits_in_one_line(capsys):
+    from pipeline.cli import main
+
+    assert main(["demo", "--max-minutes", "-1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--max-minutes >= 0" in err[0]
+
+
 def test_bar_only_on_a_terminal_unless_forced(monkeypatch):
     import io
 

@@ -61,10 +61,13 @@ def register(subparsers) -> None:
     )
     demo.add_argument("--workdir", default=None, help="working directory (default: ./sparsegen-work)")
     demo.add_argument("--workers", type=int, default=2)
-    from pipeline.distributed.trainer import DEMO_MAX_STEPS
+    from pipeline.distributed.trainer import DEMO_MAX_STEPS, DEMO_TRAIN_MINUTES
 
     demo.add_argument("--max-steps", type=int, default=DEMO_MAX_STEPS,
-                      help=f"training steps of the 2 workers (default {DEMO_MAX_STEPS})")
+                      help=f"at most this many training steps of the workers (default {DEMO_MAX_STEPS})")
+    demo.add_argument("--max-minutes", type=float, default=DEMO_TRAIN_MINUTES,
+                      help=f"at most this many minutes of training, whichever of the two limits comes first "
+                           f"(default {DEMO_TRAIN_MINUTES}; 0 = no time limit)")
     demo.add_argument("--images", type=int, default=1024, help="demo images to generate")
     demo.add_argument("--json", action="store_true")
     demo.set_defaults(func=run_demo)
@@ -142,7 +145,12 @@ def run_train(args: argparse.Namespace) -> int:
 def run_demo(args: argparse.Namespace) -> int:
     from pipeline.distributed.trainer import run_demo as demo
 
-    result = demo(workdir=args.workdir, workers=args.workers, max_steps=args.max_steps, images=args.images)
+    if args.max_steps <= 0 or args.max_minutes < 0 or args.workers <= 0:
+        print("sparsegen demo: error: --max-steps and --workers must be positive and --max-minutes >= 0 "
+              "(0 = no time limit)", file=sys.stderr)
+        return 2
+    result = demo(workdir=args.workdir, workers=args.workers, max_steps=args.max_steps,
+                  max_train_minutes=args.max_minutes or None, images=args.images)
     if args.json:
         print(json.dumps(result))
     return 0

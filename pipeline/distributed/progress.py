@@ -30,9 +30,13 @@ class Progress:
     eta_s: float
 
 
-def make_progress(step: int, total_steps: int, logged: dict[str, float], elapsed_s: float, steps_done: int) -> Progress:
-    """The record of one log interval; ETA at this run's average step time so far."""
+def make_progress(step: int, total_steps: int, logged: dict[str, float], elapsed_s: float, steps_done: int,
+                  budget_s: float | None = None) -> Progress:
+    """The record of one log interval; ETA at this run's average step time so far, at most what is left of a
+    wall-clock budget (``training.max_train_minutes``) when there is one."""
     eta_s = elapsed_s / max(steps_done, 1) * max(total_steps - step, 0)
+    if budget_s is not None:
+        eta_s = min(eta_s, max(budget_s - elapsed_s, 0.0))
     return Progress(step=step, total_steps=total_steps, images_per_s=float(logged.get("images_per_s", float("nan"))),
                     reconstruction_mse=float(logged.get("reconstruction_mse", float("nan"))), eta_s=eta_s)
 

@@ -6,7 +6,8 @@ Stages, in order:
   2. restore     -- from Ray's latest checkpoint (worker restart / same --name) or --resume-from, at any
                     world size: this rank's latents from the parts that overlap its partition
   3. loop        -- per batch: sparsity schedule, Algorithm 1 step, fault injection
-  4. log         -- every run.log_every_steps: metrics averaged over ranks, rank 0 -> MLflow
+  4. log         -- every run.log_every_steps: metrics averaged over ranks, rank 0 -> MLflow; the
+                    training.max_train_minutes budget is checked here (same step on every rank)
   5. evaluate    -- every run.eval_every_steps: sample and reconstruction grids (rank 0) -> MLflow
   6. checkpoint  -- every run.checkpoint_every_steps and at the end: every rank writes its latents part,
                     rank 0 adds state, config and meta, every rank reports its directory to Ray (which
@@ -133,6 +134,7 @@ def _train_loop(loop_config: dict) -> None:
     # -- 3. loop ------------------------------------------------------------------------------------------
     window_start, window_images, window_steps = time.perf_counter(), 0, 0
     loop_start_s, loop_start_step = time.perf_counter(), step
+    budget_minutes = cfg.training.max_train_minutes
     metric_sums: dict[str, float] = {}
     first_step_pending = True
     while step < total_steps:
@@ -163,7 +165,15 @@ def _train_loop(loop_config: dict) -> None:
                 elapsed_s = time.perf_counter() - window_start
                 logged = {k: v / window_steps for k, v in metric_sums.items()}
                 logged["images_per_s_per_worker"] = window_images / max(elapsed_s, 1e-9)
+                logged["train_minutes"] = (time.perf_counter() - loop_start_s) / 60.0
+                # Averaged over ranks, so every rank reads the same value and stops at the same step.
                 logged = _average_over_ranks(logged, device) if distributed else logged
+                if budget_minutes is not None and not last and logged["train_minutes"] >= budget_minutes:
+                    total_steps, last = step, True
+                    if is_logger:
+                        console(f"[sparsegen] training.max_train_minutes={budget_minutes:g} reached at step {step}: "
+                                f"stopping here (final checkpoint and evaluation follow)")
+                        mlflow_run.set_tags(tracking_uri, run_id, {"sparsegen.stopped_by": "max_train_minutes"})
                 logged["images_per_s"] = logged["images_per_s_per_worker"] * world_size
                 logged["epoch"] = epoch_index + (step - epoch_start_step) / steps_per_epoch
                 logged.update(_sparsity_metrics(unwrap(generator), grid_z))
@@ -172,7 +182,8 @@ def _train_loop(loop_config: dict) -> None:
                 if is_logger:
                     mlflow_run.log_metrics(tracking_uri, run_id, logged, step)
                     progress = make_progress(step, total_steps, logged, time.perf_counter() - loop_start_s,
-                                             step - loop_start_step)
+                                             step - loop_start_step,
+                                             budget_s=None if budget_minutes is None else 60.0 * budget_minutes)
                     if progress_queue is not None:  # the driver draws a bar on its terminal
                         send_progress(progress_queue, progress)
                     else:
