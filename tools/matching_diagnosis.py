@@ -1,0 +1,98 @@
+"""Where Table 4's matching score comes from: the same conv8 units scored under four conditions.
+
+Table 4's basis function of a unit (``pipeline.evaluation.basis``) is its contribution with the ReLU / top-k
+masks of the forward pass frozen. This script scores the units of ``matching_score`` (8 strongest units of
+each of 8 Z's, support crop, gray NCC over the first 100 training images) four ways:
+
+* ``frozen``: Table 4's number (``matching_score_conv8``);
+* ``open_last_block``: the masks of the last block (conv32 for ``tiny``) opened, i.e. all ones;
+* ``open_all``: every mask below the unit opened, so the basis function is the unit's linear pattern;
+* ``posterior``: frozen masks, but the 8 Z's inferred from 8 other training images
+  (``evaluation.inference_steps`` Langevin chain) instead of drawn from N(0, I).
+
+The gap between ``frozen`` and ``open_all`` is what the frozen masks of the image do to a lone unit's
+pattern; comparing it between a sparse and a dense model says whether Table 4 separates them by their
+dictionaries or by their masks. Diagnostic only: the pipeline's metric stays ``frozen``.
+
+    python tools/matching_diagnosis.py --checkpoint quick-train/NAME/generator.pt --data DIR --json
+    python tools/matching_diagnosis.py --checkpoint <checkpoint URI> --data DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.evaluation.basis import active_units, basis_functions, forward_with_masks  # noqa: E402
+from pipeline.evaluation.matching import match_basis_functions  # noqa: E402
+from pipeline.evaluation.orchestration import read_images  # noqa: E402
+from pipeline.learning.learner import infer_latents  # noqa: E402
+
+LAYER = "conv8"
+
+
+def load(checkpoint: str):
+    """(cfg, generator in eval mode) from a quick_train ``generator.pt`` or a pipeline checkpoint URI."""
+    if checkpoint.endswith(".pt"):
+        from pipeline.config import config_from_dict
+        from pipeline.model import build_generator
+
+        state = torch.load(checkpoint, weights_only=False)
+        cfg = config_from_dict(state["config"])
+        generator = build_generator(cfg)
+        generator.load_state_dict(state["generator"])
+    else:
+        from pipeline.distributed.checkpoint import load_generator
+
+        cfg, generator = load_generator(checkpoint)
+    return cfg, generator.eval()
+
+
+def opened(masks: dict, prefixes: tuple[str, ...]) -> dict:
+    """The masks with those of the named blocks replaced by ones."""
+    return {k: torch.ones_like(v) if k.startswith(prefixes) else v for k, v in masks.items()}
+
+
+def score(generator, z, images_hwc, open_blocks: tuple[str, ...] = ()) -> float:
+    _, activations, masks = forward_with_masks(generator, z)
+    units = active_units(activations, LAYER, top=8)
+    bases = basis_functions(generator, opened(masks, open_blocks), units)
+    return float(match_basis_functions([b.image for b in bases], images_hwc)["score"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", required=True, help="quick_train generator.pt or a checkpoint URI")
+    parser.add_argument("--data", required=True, help="the shards the model was trained on")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--json", action="store_true", help="one JSON object on the last stdout line")
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    cfg, generator = load(args.checkpoint)
+    _, images = read_images(args.data, "train", 108, cfg.model.resolution)
+    images_hwc = np.moveaxis(images[:100].numpy().astype(np.float64), 1, -1)
+    prior = torch.randn(8, cfg.model.latent_dim, generator=torch.Generator().manual_seed(0))
+    blocks = [f"block{i}." for i in range(len(generator.blocks))]
+    result = {
+        "frozen": score(generator, prior, images_hwc),
+        "open_last_block": score(generator, prior, images_hwc, (blocks[-1],)),
+        "open_all": score(generator, prior, images_hwc, tuple(blocks[1:])),
+        "posterior": score(generator, infer_latents(generator, images[100:108], cfg, seed=0), images_hwc),
+    }
+    if not args.json:
+        for name, value in result.items():
+            print(f"{name:<16} {value:.4f}")
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
