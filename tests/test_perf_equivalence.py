@@ -334,9 +334,11 @@ def test_generator_with_transposed_upsample_conv_matches_dense_generator(monkeyp
     (img_f, grads_f, chain_f), (img_d, grads_d, chain_d) = results
     torch.testing.assert_close(img_f, img_d, rtol=1e-5, atol=1e-5)
     for (name, _), a, b in zip([("z", None), *generator.named_parameters()], grads_f, grads_d):
-        # A tolerance relative to the gradient's size (weight gradients sum over batch and positions).
+        # A tolerance relative to the gradient's size: a weight gradient sums 16 x 1,024 products, in a
+        # different order in the two forms. On an AMD EPYC (oneDNN's AVX2 kernels) blocks.2.0.weight differed
+        # by 1.6e-5 of its largest entry (4.9e-4 of 30); a wrong kernel differs by the order of the entry.
         scale = max(1.0, float(b.abs().max()))
-        assert float((a - b).abs().max()) <= 1e-5 * scale, (name, float((a - b).abs().max()), scale)
+        assert float((a - b).abs().max()) <= 1e-4 * scale, (name, float((a - b).abs().max()), scale)
     torch.testing.assert_close(chain_f, chain_d, rtol=1e-4, atol=1e-4)
 
 
