@@ -2,6 +2,7 @@
 15 s, before anything trains; every config mistake of a command at once; `--debug` adds the traceback
 (issue 13 item 7)."""
 
+import json
 import socket
 import subprocess
 import sys
@@ -186,6 +187,14 @@ def test_train_config_mistakes_together(tmp_path, capsys):
     assert code == 2 and "training.batch_size" in err and "did you mean 'langevin.steps'" in err, err
     assert "run.workers" in err, err  # a flag's mistake next to the --set ones
     assert "Traceback" not in err and elapsed_s < 15
+
+
+def test_train_max_minutes_flag_sets_the_budget_and_is_validated(tmp_path, capsys):
+    code, err, _, _ = _run([*_command("train", tmp_path), "--max-minutes", "0"], capsys)
+    assert code == 2 and "training.max_train_minutes: must be positive or null, got 0" in err, err
+    assert main(["train", "--preset", "tiny", "--max-minutes", "90", "--dry-run", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["config"]["training"]["max_train_minutes"] == 90.0
 
 
 def test_tune_config_mistakes_together(tmp_path, capsys):

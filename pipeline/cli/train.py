@@ -40,6 +40,9 @@ def register(subparsers) -> None:
     steps = train.add_mutually_exclusive_group()
     steps.add_argument("--max-steps", type=int, default=None, help="stop after this many optimiser steps")
     steps.add_argument("--epochs", type=float, default=None, help="stop after this many epochs")
+    train.add_argument("--max-minutes", type=float, default=None,
+                       help="also stop after this many minutes of training (training.max_train_minutes), at the "
+                            "first log interval past it, with the final checkpoint and evaluation")
     train.add_argument("--name", default=None, help="run name; running the same name again resumes it")
     train.add_argument("--storage", default=None, help="checkpoint storage: a local path or s3://bucket/prefix")
     train.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or a local sqlite store)")
@@ -85,6 +88,8 @@ def apply_cli_options(cfg, args: argparse.Namespace):
         cfg.run.gpus_per_worker = args.gpus_per_worker
     if getattr(args, "max_steps", None) is not None:
         cfg.training.max_steps = args.max_steps
+    if getattr(args, "max_minutes", None) is not None:
+        cfg.training.max_train_minutes = args.max_minutes
     if getattr(args, "epochs", None) is not None:
         cfg.training.epochs = args.epochs
         cfg.training.max_steps = None
