@@ -8,7 +8,8 @@ each of 8 Z's, support crop, gray NCC over the first 100 training images) four w
 * ``open_last_block``: the masks of the last block (conv32 for ``tiny``) opened, i.e. all ones;
 * ``open_all``: every mask below the unit opened, so the basis function is the unit's linear pattern;
 * ``posterior``: frozen masks, but the 8 Z's inferred from 8 other training images
-  (``evaluation.inference_steps`` Langevin chain) instead of drawn from N(0, I).
+  (``evaluation.inference_steps`` Langevin chain) instead of drawn from N(0, I); ``posterior_latent_std``
+  is the standard deviation of those Z's entries (1 under the prior).
 
 The gap between ``frozen`` and ``open_all`` is what the frozen masks of the image do to a lone unit's
 pattern; comparing it between a sparse and a dense model says whether Table 4 separates them by their
@@ -81,11 +82,14 @@ def main(argv: list[str] | None = None) -> int:
     images_hwc = np.moveaxis(images[:100].numpy().astype(np.float64), 1, -1)
     prior = torch.randn(8, cfg.model.latent_dim, generator=torch.Generator().manual_seed(0))
     blocks = [f"block{i}." for i in range(len(generator.blocks))]
+    posterior = infer_latents(generator, images[100:108], cfg, seed=0)
     result = {
         "frozen": score(generator, prior, images_hwc),
         "open_last_block": score(generator, prior, images_hwc, (blocks[-1],)),
         "open_all": score(generator, prior, images_hwc, tuple(blocks[1:])),
-        "posterior": score(generator, infer_latents(generator, images[100:108], cfg, seed=0), images_hwc),
+        "posterior": score(generator, posterior, images_hwc),
+        # How far the latents of real images lie from N(0, I): 1 for the prior.
+        "posterior_latent_std": float(posterior.std()),
     }
     if not args.json:
         for name, value in result.items():
