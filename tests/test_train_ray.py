@@ -165,12 +165,14 @@ def test_time_budget_stops_every_worker_at_the_same_step_and_ends_like_max_steps
     assert run.data.params["training.max_train_minutes"] == "1e-05"
 
 
-def test_demo_rejects_bad_limits_in_one_line(capsys):
+def test_demo_reports_bad_limits_as_config_errors(capsys):
     from pipeline.cli import main
 
     assert main(["demo", "--max-minutes", "-1"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--max-minutes >= 0" in err[0]
+    err = capsys.readouterr().err
+    assert "training.max_train_minutes: must be positive or null, got -1.0" in err and "Traceback" not in err, err
+    assert main(["demo", "--max-steps", "0"]) == 2
+    assert "training.max_steps: must be positive or null, got 0" in capsys.readouterr().err
 
 
 def test_bar_only_on_a_terminal_unless_forced(monkeypatch):

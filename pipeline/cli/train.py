@@ -150,10 +150,7 @@ def run_train(args: argparse.Namespace) -> int:
 def run_demo(args: argparse.Namespace) -> int:
     from pipeline.distributed.trainer import run_demo as demo
 
-    if args.max_steps <= 0 or args.max_minutes < 0 or args.workers <= 0:
-        print("sparsegen demo: error: --max-steps and --workers must be positive and --max-minutes >= 0 "
-              "(0 = no time limit)", file=sys.stderr)
-        return 2
+    # Bad limits are config errors (load_config inside, before any work): main() reports them in one line.
     result = demo(workdir=args.workdir, workers=args.workers, max_steps=args.max_steps,
                   max_train_minutes=args.max_minutes or None, images=args.images)
     if args.json:
