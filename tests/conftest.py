@@ -120,6 +120,26 @@ FAST_TRAINING_OVERRIDES = [
 
 
 @pytest.fixture(scope="session")
+def two_worker_run(ray_session, demo_shards, tmp_path_factory):
+    """One 2-worker Ray Train run of 2 epochs, shared by the training and latent tests (a run costs ~25 s here).
+
+    116 training images over 2 ranks, batch 16: 4 steps per epoch, a checkpoint at the end of each epoch (steps
+    4 and 8, both kept). Returns a namespace: ``result`` (train's dict), ``workdir``, ``cfg``. Tests that train
+    more in ``workdir`` use other run names, except test_train_ray's same-name resume (which adds step 10)."""
+    import types
+
+    import pipeline
+    from pipeline.distributed.trainer import train
+
+    workdir = tmp_path_factory.mktemp("train-workdir")
+    cfg = pipeline.load_config("tiny", [*FAST_TRAINING_OVERRIDES, "run.workers=2", "training.epochs=2",
+                                        "run.name=two-workers", "run.checkpoint_every_steps=4",
+                                        "run.checkpoints_to_keep=3"])
+    cfg.data.url = demo_shards
+    return types.SimpleNamespace(result=train(cfg, workdir=str(workdir)), workdir=workdir, cfg=cfg)
+
+
+@pytest.fixture(scope="session")
 def demo_shards(tmp_path_factory):
     """128 demo images (32 px) as shards, shared by the training and tuning tests."""
     from pipeline.data import make_demo_data

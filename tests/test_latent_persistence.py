@@ -191,21 +191,18 @@ def train_indices(demo_shards):
 
 
 @pytest.fixture(scope="module")
-def two_epochs_on_two_workers(ray_session, demo_shards, tmp_path_factory):
-    from pipeline.distributed.trainer import train
-
-    workdir = tmp_path_factory.mktemp("latents-workdir")
-    # 116 training images over 2 ranks, batch 16: 4 steps per epoch, a checkpoint at the end of each epoch.
-    cfg = _cfg(demo_shards, "run.workers=2", "training.epochs=2", "run.name=latents-two",
-               "run.checkpoint_every_steps=4", "run.checkpoints_to_keep=3")
-    result = train(cfg, workdir=str(workdir))
-    return result, workdir, cfg
+def two_epochs_on_two_workers(two_worker_run):
+    """conftest's shared run: 2 workers, 2 epochs of 4 steps (116 training images, batch 16 per rank),
+    a checkpoint at the end of each epoch."""
+    return two_worker_run.result, two_worker_run.workdir, two_worker_run.cfg
 
 
 @pytest.mark.ray
 def test_two_workers_continue_every_chain_in_every_epoch(two_epochs_on_two_workers, train_indices, demo_shards):
     result, workdir, cfg = two_epochs_on_two_workers
-    checkpoints = _checkpoints_by_step(workdir / "runs" / "latents-two")
+    # Steps 4 and 8 (test_train_ray's same-name resume may have added step 10 to the same run).
+    checkpoints = {step: path for step, path in _checkpoints_by_step(workdir / "runs" / cfg.run.name).items()
+                   if step <= 8}
     assert sorted(checkpoints) == [4, 8] and result["checkpoint"] == checkpoints[8]
     epoch1, epoch2 = load_checkpoint(checkpoints[4]), load_checkpoint(checkpoints[8])
     assert epoch1.meta["epoch_index"] == 1 and epoch2.meta["epoch_index"] == 2
@@ -234,7 +231,8 @@ def test_two_workers_continue_every_chain_in_every_epoch(two_epochs_on_two_worke
 
 
 @pytest.mark.ray
-def test_resume_on_one_worker_continues_visits_and_chains(two_epochs_on_two_workers, train_indices, demo_shards):
+def test_resume_on_one_worker_continues_visits_chains_and_weights(two_epochs_on_two_workers, train_indices,
+                                                                  demo_shards):
     from pipeline.distributed.trainer import train
 
     result, workdir, _ = two_epochs_on_two_workers
@@ -249,3 +247,7 @@ def test_resume_on_one_worker_continues_visits_and_chains(two_epochs_on_two_work
     assert resumed.bank.visits.tolist() == [3] * len(train_indices)  # 2 epochs on 2 workers + 1 on 1 worker
     # Every chain of the third epoch started from the Z saved by the 2-worker run, not a fresh draw.
     assert torch.equal(resumed.bank.start_checksum, checksum(saved.bank.z))
+    # Generator weights continued from the checkpoint rather than a fresh initialisation.
+    fresh = pipeline.build_generator(cfg).state_dict()["fc.weight"]
+    moved = resumed.state["generator"]["fc.weight"]
+    assert (moved - saved.state["generator"]["fc.weight"]).abs().max() < (moved - fresh).abs().max()

@@ -4,12 +4,12 @@
 ``ray_cluster.yaml`` gives on-demand nodes, and a second node with 2 CPUs (a "spot worker"); a run of 2
 workers with 2 CPUs each must put one worker on each node (DDP over gloo between the raylets). On it:
 
-1. a 2-worker ``tiny`` run with checkpoints in a shared directory loses rank 1 at step 6 (injected crash:
-   the worker process exits), Ray Train restarts the worker group from the step-4 checkpoint and the run
-   finishes at step 10 with one MLflow run (sqlite store); its end-of-training evaluation runs as a Ray
-   task, not in the driver, and its metrics land in the run;
-2. the same with checkpoints on S3 (moto);
-3. a 2-trial ``sparsegen tune --storage DIR`` search leaves one parent and two child runs and the trials'
+1. a 2-worker ``tiny`` run with checkpoints on S3 (moto, the storage every node reaches) loses rank 1 at
+   step 6 (injected crash: the worker process exits), Ray Train restarts the worker group from the step-4
+   checkpoint and the run finishes at step 10 with one MLflow run (sqlite store); its end-of-training
+   evaluation runs as a Ray task, not in the driver, and its metrics land in the run. (A shared directory
+   as storage is the same code path past pyarrow's filesystem; its crash-resume runs in test_train_ray.)
+2. a 2-trial ``sparsegen tune --storage DIR`` search leaves one parent and two child runs and the trials'
    checkpoints under DIR.
 
 The cluster lives in a subprocess (this file run as a script) with its own RAY_TMPDIR: the test session's
@@ -95,9 +95,8 @@ def test_cluster_has_two_raylets_with_a_driver_node(cluster_report):
     assert cluster_report["trial_driver_node"] == cluster_report["driver_node"]
 
 
-@pytest.mark.parametrize("storage", ["dir", "s3"])
-def test_worker_lost_mid_run_resumes_from_latest_checkpoint_with_one_mlflow_run(cluster_report, storage):
-    run = cluster_report["runs"][storage]
+def test_worker_lost_mid_run_resumes_from_latest_checkpoint_on_s3_with_one_mlflow_run(cluster_report):
+    run = cluster_report["run"]
     assert run["crash_marker"], "the fault was never injected"
     # The workers sat on both raylets (one per node: each holds one 2-CPU worker), before and after the restart.
     assert len(set(run["worker_nodes"])) == 2, run["worker_nodes"]
@@ -105,15 +104,12 @@ def test_worker_lost_mid_run_resumes_from_latest_checkpoint_with_one_mlflow_run(
     assert run["checkpoint_step"] == 10 and run["world_size"] == 2
     assert run["mlflow_runs"] == 1 and run["status"] == "FINISHED"
     assert run["max_metric_step"] == 10
-    if storage == "s3":
-        assert run["checkpoint"].startswith(f"s3://{cluster_report['bucket']}/runs/")
-        assert run["s3_checkpoint_objects"] > 0
-    else:
-        assert run["checkpoint"].startswith(cluster_report["shared_dir"])
+    assert run["checkpoint"].startswith(f"s3://{cluster_report['bucket']}/runs/")
+    assert run["s3_checkpoint_objects"] > 0
 
 
 def test_end_of_training_evaluation_ran_as_a_ray_task_and_landed_in_mlflow(cluster_report):
-    run = cluster_report["runs"]["dir"]
+    run = cluster_report["run"]
     assert run["evaluation"]["pid"] != cluster_report["driver_pid"], "the evaluation ran in the driver"
     assert run["evaluation"]["assigned_resources"].get("CPU") == 2.0  # one node's share of the workers' CPUs
     assert run["eval_metric"] > 0 and run["eval_tags"]["sparsegen.evaluation.device"] == "cpu"
@@ -205,7 +201,6 @@ def scenario(args: dict) -> dict:
     ray.init(address=cluster.address, log_to_driver=True)
     cluster.wait_for_nodes()
     report = {"driver_pid": os.getpid(), "driver_node": ray.get_runtime_context().get_node_id(),
-              "shared_dir": str(workdir / "shared-runs"),
               "nodes": [{"node_id": n["NodeID"], "ip": n["NodeManagerAddress"], "resources": n["Resources"]}
                         for n in ray.nodes() if n["Alive"]]}
     timings["cluster_s"] = round(time.monotonic() - started, 1)
@@ -216,30 +211,25 @@ def scenario(args: dict) -> dict:
         num_cpus=resources.get("CPU", 0), resources={k: v for k, v in resources.items() if k != "CPU"})
     report["trial_driver_node"] = ray.get(where.remote())
 
-    report["runs"] = {}
-    for storage, location in (("dir", str(workdir / "shared-runs")), ("s3", f"{args['s3']}/runs")):
-        begun = time.monotonic()
-        overrides = [*FAST_TRAINING_OVERRIDES, *RUN_OVERRIDES, f"run.name=multinode-{storage}"]
-        if storage == "dir":
-            overrides += ["evaluation.at_end=[mse]", "evaluation.mse_images=8"]
-        cfg = load_config("tiny", overrides)
-        cfg.data.url = args["data"]
-        cfg.run.storage = location
-        before = _train_workers()
-        result = train(cfg, workdir=str(workdir))
-        facts = _run_facts(result, workdir, before)
-        if storage == "dir":
-            summary = json.loads((workdir / "evaluations" / result["name"] / "evaluation.json").read_text())
-            facts["evaluation"] = summary["ran_on"]
-            facts["eval_metric"] = result["metrics"].get("holdout_mse_pm1", 0)
-        else:
-            from pipeline.data import storage as store
+    begun = time.monotonic()
+    location = f"{args['s3']}/runs"
+    cfg = load_config("tiny", [*FAST_TRAINING_OVERRIDES, *RUN_OVERRIDES, "run.name=multinode-s3",
+                               "evaluation.at_end=[mse]", "evaluation.mse_images=8"])
+    cfg.data.url = args["data"]
+    cfg.run.storage = location
+    before = _train_workers()
+    result = train(cfg, workdir=str(workdir))
+    facts = _run_facts(result, workdir, before)
+    summary = json.loads((workdir / "evaluations" / result["name"] / "evaluation.json").read_text())
+    facts["evaluation"] = summary["ran_on"]
+    facts["eval_metric"] = result["metrics"].get("holdout_mse_pm1", 0)
+    from pipeline.data import storage as store
 
-            bucket, prefix = store.split_s3(location)
-            listed = store.s3_client().list_objects_v2(Bucket=bucket, Prefix=f"{prefix}/multinode-s3/")
-            facts["s3_checkpoint_objects"] = listed.get("KeyCount", 0)
-        report["runs"][storage] = facts
-        timings[f"run_{storage}_s"] = round(time.monotonic() - begun, 1)
+    bucket, prefix = store.split_s3(location)
+    listed = store.s3_client().list_objects_v2(Bucket=bucket, Prefix=f"{prefix}/multinode-s3/")
+    facts["s3_checkpoint_objects"] = listed.get("KeyCount", 0)
+    report["run"] = facts
+    timings["run_s"] = round(time.monotonic() - begun, 1)
 
     begun = time.monotonic()
     report["search"] = _search(workdir, args["data"])
