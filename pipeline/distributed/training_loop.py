@@ -135,6 +135,7 @@ def _train_loop(loop_config: dict) -> None:
     window_start, window_images, window_steps = time.perf_counter(), 0, 0
     loop_start_s, loop_start_step = time.perf_counter(), step
     budget_minutes = cfg.training.max_train_minutes
+    budget_s = None if budget_minutes is None else 60.0 * budget_minutes
     metric_sums: dict[str, float] = {}
     first_step_pending = True
     while step < total_steps:
@@ -165,7 +166,8 @@ def _train_loop(loop_config: dict) -> None:
                 elapsed_s = time.perf_counter() - window_start
                 logged = {k: v / window_steps for k, v in metric_sums.items()}
                 logged["images_per_s_per_worker"] = window_images / max(elapsed_s, 1e-9)
-                logged["train_minutes"] = (time.perf_counter() - loop_start_s) / 60.0
+                loop_elapsed_s = time.perf_counter() - loop_start_s
+                logged["train_minutes"] = loop_elapsed_s / 60.0
                 # Averaged over ranks, so every rank reads the same value and stops at the same step.
                 logged = _average_over_ranks(logged, device) if distributed else logged
                 if budget_minutes is not None and not last and logged["train_minutes"] >= budget_minutes:
@@ -181,9 +183,8 @@ def _train_loop(loop_config: dict) -> None:
                     logged[f"data_{key}"] = float(value)
                 if is_logger:
                     mlflow_run.log_metrics(tracking_uri, run_id, logged, step)
-                    progress = make_progress(step, total_steps, logged, time.perf_counter() - loop_start_s,
-                                             step - loop_start_step,
-                                             budget_s=None if budget_minutes is None else 60.0 * budget_minutes)
+                    progress = make_progress(step, total_steps, logged, loop_elapsed_s, step - loop_start_step,
+                                             budget_s=budget_s)
                     if progress_queue is not None:  # the driver draws a bar on its terminal
                         send_progress(progress_queue, progress)
                     else:
