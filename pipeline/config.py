@@ -105,6 +105,12 @@ class TrainingConfig:
     seed: int = 0
     generator_lr: float = 7e-4
     generator_betas: list[float] = field(default_factory=lambda: [0.0, 0.99])
+    # Decoupled (AdamW) weight decay of the generator's weight matrices and kernels (not biases), per unit
+    # of learning rate: each step multiplies them by (1 - generator_lr * generator_weight_decay). With
+    # equalized weights the kernels start as N(0, 1) noise and Adam moves them ~lr per step, so after a few
+    # thousand steps they are still mostly their random start (README "Why the basis functions were
+    # speckle"); the decay removes what the data does not keep. 0 = plain Adam.
+    generator_weight_decay: float = 0.0
     critic_lr: float = 7e-4
     critic_betas: list[float] = field(default_factory=lambda: [0.0, 0.99])
     # Weight of Eq. 20 in the generator update; 0 = pure alternating back-propagation (critic unused).
@@ -503,6 +509,9 @@ def validate(cfg: Config) -> None:
         betas = getattr(t, name)
         if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
             p.append(f"training.{name}: expected two values in [0, 1), got {betas}")
+    if not 0 <= t.generator_weight_decay * t.generator_lr < 1:
+        p.append(f"training.generator_weight_decay: must be >= 0 with generator_lr * decay < 1 (each step "
+                 f"multiplies weights by 1 - lr * decay), got {t.generator_weight_decay}")
     if t.critic_energy_l2 < 0:
         p.append(f"training.critic_energy_l2: must be >= 0, got {t.critic_energy_l2}")
     if t.critic_weight < 0:

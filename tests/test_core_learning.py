@@ -120,6 +120,36 @@ def test_overfit_32_images_reconstruction_mse_below_threshold():
     assert mse < 0.12
 
 
+def test_generator_weight_decay_shrinks_weights_not_biases():
+    """One step with lr * decay = 0.5 and the same gradients: every weight tensor is the no-decay result
+    times (1 - 0.5); biases are the same in both runs."""
+
+    def one_step(decay):
+        cfg = _small_cfg("training.critic_weight=0", "langevin.steps=2", "training.generator_lr=0.01",
+                         f"training.generator_weight_decay={decay}")
+        torch.manual_seed(0)
+        generator = pipeline.build_generator(cfg)
+        learner = ABPLearner(cfg, generator, None, LatentBank(4, cfg.model.latent_dim), torch.device("cpu"))
+        learner.step(torch.arange(4), _squares(4))
+        return dict(generator.named_parameters())
+
+    plain, decayed = one_step(0), one_step(50)
+    torch.manual_seed(0)
+    start = dict(pipeline.build_generator(_small_cfg()).named_parameters())
+    for name, p in plain.items():
+        if p.ndim > 1:
+            # AdamW: w <- w (1 - lr * decay) - lr * adam_update; the Adam update is the same in both runs.
+            expected = p.detach() - 0.5 * start[name].detach()
+            assert torch.allclose(decayed[name].detach(), expected, atol=1e-5), name
+        else:
+            assert torch.equal(decayed[name].detach(), p.detach()), name
+
+
+def test_generator_weight_decay_is_validated():
+    with pytest.raises(pipeline.ConfigError, match="generator_weight_decay"):
+        _small_cfg("training.generator_weight_decay=-1")
+
+
 def test_learner_is_reproducible_from_seed():
     def run():
         cfg = _small_cfg("langevin.steps=3")

@@ -109,8 +109,13 @@ class ABPLearner:
         self.device = device
         self.autocast_dtype = autocast_dtype(cfg, device)
         t = cfg.training
+        # Weight decay acts on weight matrices and kernels only: a decayed bias would only pull the image
+        # mean towards 0.
+        weights = [p for p in unwrap(generator).parameters() if p.ndim > 1]
+        biases = [p for p in unwrap(generator).parameters() if p.ndim <= 1]
         self.generator_optimizer = torch.optim.Adam(
-            unwrap(generator).parameters(), lr=t.generator_lr, betas=tuple(t.generator_betas)
+            [{"params": weights, "weight_decay": t.generator_weight_decay}, {"params": biases, "weight_decay": 0.0}],
+            lr=t.generator_lr, betas=tuple(t.generator_betas), decoupled_weight_decay=True,
         )
         self.critic_optimizer = (
             torch.optim.Adam(unwrap(self.critic).parameters(), lr=t.critic_lr, betas=tuple(t.critic_betas))
@@ -262,6 +267,8 @@ class ABPLearner:
     def load_state_dict(self, state: dict) -> None:
         unwrap(self.generator).load_state_dict(state["generator"])
         self.generator_optimizer.load_state_dict(state["generator_optimizer"])
+        # The run's config decides the decay, not the one saved with the optimiser (as set_epoch does for lr).
+        self.generator_optimizer.param_groups[0]["weight_decay"] = self.cfg.training.generator_weight_decay
         if self.critic is not None and "critic" in state:
             unwrap(self.critic).load_state_dict(state["critic"])
             self.critic_optimizer.load_state_dict(state["critic_optimizer"])
