@@ -9,7 +9,13 @@ each of 8 Z's, support crop, gray NCC over the first 100 training images) four w
 * ``open_all``: every mask below the unit opened, so the basis function is the unit's linear pattern;
 * ``posterior``: frozen masks, but the 8 Z's inferred from 8 other training images
   (``evaluation.inference_steps`` Langevin chain) instead of drawn from N(0, I); ``posterior_latent_std``
-  is the standard deviation of those Z's entries (1 under the prior).
+  is the standard deviation of those Z's entries (1 under the prior);
+* ``per_channel``: frozen masks, but one unit per conv8 channel (its strongest over the 8 prior Z's), so the
+  score is the dictionary's mean rather than that of the few channels with the largest activations.
+
+``weights_from_init`` says how much of each trained weight tensor is still its random start: per layer,
+the coefficient c of W0 in W (W projected on the initial draw W0 of ``initial_generator``, 1 = untouched)
+and ||W - W0|| / ||W0||.
 
 The gap between ``frozen`` and ``open_all`` is what the frozen masks of the image do to a lone unit's
 pattern; comparing it between a sparse and a dense model says whether Table 4 separates them by their
@@ -34,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.evaluation.basis import active_units, basis_functions, forward_with_masks  # noqa: E402
 from pipeline.evaluation.matching import match_basis_functions  # noqa: E402
 from pipeline.evaluation.orchestration import read_images  # noqa: E402
-from pipeline.learning.learner import infer_latents  # noqa: E402
+from pipeline.learning.learner import infer_latents, initial_generator  # noqa: E402
 
 LAYER = "conv8"
 
@@ -61,11 +67,29 @@ def opened(masks: dict, prefixes: tuple[str, ...]) -> dict:
     return {k: torch.ones_like(v) if k.startswith(prefixes) else v for k, v in masks.items()}
 
 
-def score(generator, z, images_hwc, open_blocks: tuple[str, ...] = ()) -> float:
+def score(generator, z, images_hwc, open_blocks: tuple[str, ...] = (), per_channel: bool = False) -> float:
     _, activations, masks = forward_with_masks(generator, z)
-    units = active_units(activations, LAYER, top=8)
+    if per_channel:
+        strongest = {}
+        for unit in active_units(activations, LAYER):  # strongest first
+            strongest.setdefault(unit.channel, unit)
+        units = list(strongest.values())
+    else:
+        units = active_units(activations, LAYER, top=8)
     bases = basis_functions(generator, opened(masks, open_blocks), units)
     return float(match_basis_functions([b.image for b in bases], images_hwc)["score"])
+
+
+def weights_from_init(cfg, generator) -> dict:
+    """{weight name: {"init_coefficient": c, "relative_change": ||W - W0|| / ||W0||}} for every kernel."""
+    start = initial_generator(cfg).state_dict()
+    out = {}
+    for name, trained in generator.state_dict().items():
+        if trained.ndim > 1:
+            w, w0 = trained.float(), start[name].float()
+            out[name] = {"init_coefficient": round(float((w * w0).sum() / w0.square().sum()), 3),
+                         "relative_change": round(float((w - w0).norm() / w0.norm()), 3)}
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,12 +112,18 @@ def main(argv: list[str] | None = None) -> int:
         "open_last_block": score(generator, prior, images_hwc, (blocks[-1],)),
         "open_all": score(generator, prior, images_hwc, tuple(blocks[1:])),
         "posterior": score(generator, posterior, images_hwc),
+        "per_channel": score(generator, prior, images_hwc, per_channel=True),
         # How far the latents of real images lie from N(0, I): 1 for the prior.
         "posterior_latent_std": float(posterior.std()),
+        "weights_from_init": weights_from_init(cfg, generator),
     }
     if not args.json:
         for name, value in result.items():
-            print(f"{name:<16} {value:.4f}")
+            if isinstance(value, dict):
+                for layer, figures in value.items():
+                    print(f"{name} {layer:<18} " + "  ".join(f"{k} {v:.3f}" for k, v in figures.items()))
+            else:
+                print(f"{name:<20} {value:.4f}")
     print(json.dumps(result))
     return 0
 
