@@ -145,6 +145,27 @@ def test_generator_weight_decay_shrinks_weights_not_biases():
             assert torch.equal(decayed[name].detach(), p.detach()), name
 
 
+def test_optimiser_state_from_before_weight_decay_still_resumes():
+    """A checkpoint whose generator optimiser has one group in parameters() order (sessions before
+    training.generator_weight_decay) loads into the two-group layout with each moment on its own tensor."""
+    cfg = _small_cfg("training.critic_weight=0", "langevin.steps=2")
+    torch.manual_seed(0)
+    generator = pipeline.build_generator(cfg)
+    learner = ABPLearner(cfg, generator, None, LatentBank(4, cfg.model.latent_dim), torch.device("cpu"))
+    learner.step(torch.arange(4), _squares(4))
+    state = learner.state_dict()
+    old = torch.optim.Adam(generator.parameters(), lr=cfg.training.generator_lr)
+    for p in generator.parameters():
+        p.grad = torch.full_like(p, float(p.numel()))  # a moment that names its tensor by size
+    old.step()
+    state["generator_optimizer"] = old.state_dict()
+    learner.load_state_dict(state)
+    for p in generator.parameters():
+        assert torch.allclose(learner.generator_optimizer.state[p]["exp_avg_sq"],
+                              old.state[p]["exp_avg_sq"]), p.shape
+    assert learner.generator_optimizer.param_groups[1]["weight_decay"] == 0.0
+
+
 def test_generator_weight_decay_is_validated():
     with pytest.raises(pipeline.ConfigError, match="generator_weight_decay"):
         _small_cfg("training.generator_weight_decay=-1")

@@ -264,9 +264,26 @@ class ABPLearner:
             state["critic_optimizer"] = self.critic_optimizer.state_dict()
         return state
 
+    def _regrouped(self, saved: dict) -> dict:
+        """A generator optimiser state saved before weight decay (one group in ``parameters()`` order) in the
+        current two-group layout (weights, then biases); any other state is returned as it is."""
+        groups = self.generator_optimizer.param_groups
+        if len(saved["param_groups"]) != 1 or len(groups) == 1:
+            return saved
+        position = {id(p): i for i, p in enumerate(unwrap(self.generator).parameters())}
+        new_to_old = [position[id(p)] for group in groups for p in group["params"]]
+        old_to_new = {old: new for new, old in enumerate(new_to_old)}
+        regrouped, start = [], 0
+        for group in groups:
+            ids = list(range(start, start + len(group["params"])))
+            regrouped.append({**saved["param_groups"][0], "weight_decay": group["weight_decay"],
+                              "decoupled_weight_decay": True, "params": ids})
+            start += len(ids)
+        return {"state": {old_to_new[int(i)]: v for i, v in saved["state"].items()}, "param_groups": regrouped}
+
     def load_state_dict(self, state: dict) -> None:
         unwrap(self.generator).load_state_dict(state["generator"])
-        self.generator_optimizer.load_state_dict(state["generator_optimizer"])
+        self.generator_optimizer.load_state_dict(self._regrouped(state["generator_optimizer"]))
         # The run's config decides the decay, not the one saved with the optimiser (as set_epoch does for lr).
         self.generator_optimizer.param_groups[0]["weight_decay"] = self.cfg.training.generator_weight_decay
         if self.critic is not None and "critic" in state:
