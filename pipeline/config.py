@@ -108,8 +108,9 @@ class TrainingConfig:
     # Decoupled (AdamW) weight decay of the generator's weight matrices and kernels (not biases), per unit
     # of learning rate: each step multiplies them by (1 - generator_lr * generator_weight_decay). With
     # equalized weights the kernels start as N(0, 1) noise and Adam moves them ~lr per step, so after a few
-    # thousand steps they are still mostly their random start (README "Why the basis functions were
-    # speckle"); the decay removes what the data does not keep. 0 = plain Adam.
+    # thousand steps they are still mostly their random start; the decay fades it. On `tiny` decay 1 cleaned
+    # the basis functions at 400 steps but collapsed the prior samples by 1,600 (README "Why the basis
+    # functions were colour speckle"), so it is off by default. 0 = plain Adam.
     generator_weight_decay: float = 0.0
     critic_lr: float = 7e-4
     critic_betas: list[float] = field(default_factory=lambda: [0.0, 0.99])
