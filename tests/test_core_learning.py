@@ -122,7 +122,7 @@ def test_overfit_32_images_reconstruction_mse_below_threshold():
 
 def test_generator_weight_decay_shrinks_weights_not_biases():
     """One step with lr * decay = 0.5 and the same gradients: every weight tensor is the no-decay result
-    times (1 - 0.5); biases are the same in both runs."""
+    minus 0.5 x its starting value; biases are the same in both runs."""
 
     def one_step(decay):
         cfg = _small_cfg("training.critic_weight=0", "langevin.steps=2", "training.generator_lr=0.01",

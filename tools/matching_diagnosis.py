@@ -70,8 +70,8 @@ def opened(masks: dict, prefixes: tuple[str, ...]) -> dict:
 def score(generator, z, images_hwc, open_blocks: tuple[str, ...] = (), per_channel: bool = False) -> float:
     _, activations, masks = forward_with_masks(generator, z)
     if per_channel:
-        strongest = {}
-        for unit in active_units(activations, LAYER):  # strongest first
+        strongest = {}  # active_units ranks within each Z; rank over all 8 Z's before keeping a channel's first
+        for unit in sorted(active_units(activations, LAYER), key=lambda u: -u.activation):
             strongest.setdefault(unit.channel, unit)
         units = list(strongest.values())
     else:

@@ -268,7 +268,7 @@ class ABPLearner:
         """A generator optimiser state saved before weight decay (one group in ``parameters()`` order) in the
         current two-group layout (weights, then biases); any other state is returned as it is."""
         groups = self.generator_optimizer.param_groups
-        if len(saved["param_groups"]) != 1 or len(groups) == 1:
+        if len(saved["param_groups"]) != 1:
             return saved
         position = {id(p): i for i, p in enumerate(unwrap(self.generator).parameters())}
         new_to_old = [position[id(p)] for group in groups for p in group["params"]]
@@ -279,7 +279,7 @@ class ABPLearner:
             regrouped.append({**saved["param_groups"][0], "weight_decay": group["weight_decay"],
                               "decoupled_weight_decay": True, "params": ids})
             start += len(ids)
-        return {"state": {old_to_new[int(i)]: v for i, v in saved["state"].items()}, "param_groups": regrouped}
+        return {"state": {old_to_new[i]: v for i, v in saved["state"].items()}, "param_groups": regrouped}
 
     def load_state_dict(self, state: dict) -> None:
         unwrap(self.generator).load_state_dict(state["generator"])
