@@ -57,6 +57,8 @@ def test_matching_score_of_a_tiny_model(tiny_generator):
                             units_per_latent=3)
     assert len(result["units"]) == 6 and result["scored"] + result["skipped"] == 6
     assert -1.0 <= result["score"] <= 1.0
+    scored_channels = {u["channel"] for u in result["units"] if u["score"] is not None}
+    assert result["channels"] == len(scored_channels) >= 1
     for unit in result["units"]:
         y0, y1, x0, x1 = unit["box"]
         assert 0 <= y0 < y1 <= 32 and 0 <= x0 < x1 <= 32 and unit["activation"] > 0

@@ -195,8 +195,8 @@ def matching_score(generator, images_pm1, layer: str, *, latent_dim: int, num_la
     """Table 4's mean matching score of ``layer``'s basis functions against ``images_pm1`` (N, 3, H, W).
 
     ``crop``: ``"support"`` (Table 4) or ``"field"`` (a fixed ``field_cells`` x R/S window); see the module
-    docstring. Returns the ``match_basis_functions`` dict plus ``"units"`` (the scored units as dicts) and the
-    settings.
+    docstring. Returns the ``match_basis_functions`` dict plus ``"units"`` (the scored units as dicts),
+    ``"channels"`` (how many distinct channels the scored units belong to) and the settings.
     """
     images = np.moveaxis(np.asarray(images_pm1.detach().cpu().numpy() if hasattr(images_pm1, "detach") else images_pm1,
                                     np.float64), 1, -1)
@@ -208,6 +208,9 @@ def matching_score(generator, images_pm1, layer: str, *, latent_dim: int, num_la
          "activation": b.unit.activation, "box": list(b.box), "score": s, "best_match": loc}
         for b, s, loc in zip(bases, result["scores"], result["locations"])
     ]
+    # How many different channels the score is a mean over: a dictionary that puts one pattern in most of the
+    # scored slots scores that one pattern many times (README, "Chasing the matching target").
+    result["channels"] = len({b.unit.channel for b, s in zip(bases, result["scores"]) if s is not None})
     result.update({"layer": layer, "colour": colour, "crop": crop, "num_latents": num_latents,
                    "units_per_latent": units_per_latent, "num_images": int(images.shape[0]), "seed": seed})
     if crop == "field":

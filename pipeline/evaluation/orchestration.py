@@ -8,8 +8,9 @@ Metric names carry their ranges/layers; all are floats:
   the paper's Table 3), per pixel and channel, of Langevin reconstructions from the prior of up to
   ``cfg.evaluation.mse_images`` holdout images; ``holdout_mse_images``.
 * ``matching_score_<layer>`` (Table 4), ``matching_score_<layer>_image_mean``, ``matching_units_<layer>``,
-  ``matching_images``; ``matching_score_<layer>_field`` and ``matching_score_<layer>_field_image_mean``: the
-  same with the fixed projective-field window as crop rule: see ``matching.py``.
+  ``matching_channels_<layer>`` (distinct channels among the scored units: 1 means one pattern scored many
+  times), ``matching_images``; ``matching_score_<layer>_field`` and ``matching_score_<layer>_field_image_mean``:
+  the same with the fixed projective-field window as crop rule: see ``matching.py``.
 * ``tree_nodes``, ``tree_roots``: see ``tree.py`` (the tree itself is an artifact).
 * ``parts_*_<layer>``: see ``parts.py`` (demo data only).
 * ``swd`` (x 1e3, mean over pyramid levels), ``swd_level<i>`` (level 0 = full resolution, the last = 16 px),
@@ -329,6 +330,7 @@ def _matching(cfg, generator, data_url, layer, out, seed, progress, artifacts, l
         f"matching_score_{layer}": result["score"],
         f"matching_score_{layer}_image_mean": result["image_mean_score"],
         f"matching_units_{layer}": float(result["scored"]),
+        f"matching_channels_{layer}": float(result["channels"]),
         f"matching_score_{layer}_field": field["score"],
         f"matching_score_{layer}_field_image_mean": field["image_mean_score"],
         "matching_images": float(result["num_images"]),
