@@ -166,6 +166,32 @@ def test_optimiser_state_from_before_weight_decay_still_resumes():
     assert learner.generator_optimizer.param_groups[1]["weight_decay"] == 0.0
 
 
+def test_resumed_run_takes_weight_decay_from_its_config_for_kernels_only():
+    """A checkpoint saved at decay 0.5 resumed with decay 0.1: the group of kernels (ndim > 1) gets 0.1,
+    the group of biases keeps 0, whichever position each group has in the saved state."""
+    def learner_with(decay):
+        cfg = _small_cfg("training.critic_weight=0", "langevin.steps=2", f"training.generator_weight_decay={decay}")
+        torch.manual_seed(0)
+        generator = pipeline.build_generator(cfg)
+        return ABPLearner(cfg, generator, None, LatentBank(4, cfg.model.latent_dim), torch.device("cpu"))
+
+    saved = learner_with(0.5)
+    saved.step(torch.arange(4), _squares(4))
+    state = saved.state_dict()
+    groups = state["generator_optimizer"]["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [0.5, 0.0]
+    for order in (1, -1):  # the saved order, then biases first: decay must follow contents, not position
+        resumed = learner_with(0.1)
+        current = resumed.generator_optimizer.param_groups
+        resumed.generator_optimizer = torch.optim.Adam([{"params": g["params"]} for g in current[::order]],
+                                                       decoupled_weight_decay=True)
+        resumed.load_state_dict({**state, "generator_optimizer": {**state["generator_optimizer"],
+                                                                  "param_groups": groups[::order]}})
+        for group in resumed.generator_optimizer.param_groups:
+            kernels = all(p.ndim > 1 for p in group["params"])
+            assert group["weight_decay"] == (0.1 if kernels else 0.0)
+
+
 def test_generator_weight_decay_is_validated():
     with pytest.raises(pipeline.ConfigError, match="generator_weight_decay"):
         _small_cfg("training.generator_weight_decay=-1")

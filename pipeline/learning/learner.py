@@ -285,7 +285,10 @@ class ABPLearner:
         unwrap(self.generator).load_state_dict(state["generator"])
         self.generator_optimizer.load_state_dict(self._regrouped(state["generator_optimizer"]))
         # The run's config decides the decay, not the one saved with the optimiser (as set_epoch does for lr).
-        self.generator_optimizer.param_groups[0]["weight_decay"] = self.cfg.training.generator_weight_decay
+        # A group is told apart by what it holds (kernels have ndim > 1), not by its position.
+        for group in self.generator_optimizer.param_groups:
+            holds_weights = all(p.ndim > 1 for p in group["params"])
+            group["weight_decay"] = self.cfg.training.generator_weight_decay if holds_weights else 0.0
         if self.critic is not None and "critic" in state:
             unwrap(self.critic).load_state_dict(state["critic"])
             self.critic_optimizer.load_state_dict(state["critic_optimizer"])
