@@ -91,6 +91,11 @@ class StepMetrics:
         return out
 
 
+def _is_kernel(parameter: torch.Tensor) -> bool:
+    """Weight matrices and conv kernels (decayed); biases and other vectors are not."""
+    return parameter.ndim > 1
+
+
 class ABPLearner:
     """Holds the models, optimisers and RNG of Algorithm 1 and runs one iteration per ``step``."""
 
@@ -111,8 +116,8 @@ class ABPLearner:
         t = cfg.training
         # Weight decay acts on weight matrices and kernels only: a decayed bias would only pull the image
         # mean towards 0.
-        weights = [p for p in unwrap(generator).parameters() if p.ndim > 1]
-        biases = [p for p in unwrap(generator).parameters() if p.ndim <= 1]
+        weights = [p for p in unwrap(generator).parameters() if _is_kernel(p)]
+        biases = [p for p in unwrap(generator).parameters() if not _is_kernel(p)]
         self.generator_optimizer = torch.optim.Adam(
             [{"params": weights, "weight_decay": t.generator_weight_decay}, {"params": biases, "weight_decay": 0.0}],
             lr=t.generator_lr, betas=tuple(t.generator_betas), decoupled_weight_decay=True,
@@ -285,10 +290,10 @@ class ABPLearner:
         unwrap(self.generator).load_state_dict(state["generator"])
         self.generator_optimizer.load_state_dict(self._regrouped(state["generator_optimizer"]))
         # The run's config decides the decay, not the one saved with the optimiser (as set_epoch does for lr).
-        # A group is told apart by what it holds (kernels have ndim > 1), not by its position.
+        # A group is told apart by what it holds, not by its position.
         for group in self.generator_optimizer.param_groups:
-            holds_weights = all(p.ndim > 1 for p in group["params"])
-            group["weight_decay"] = self.cfg.training.generator_weight_decay if holds_weights else 0.0
+            kernels = all(_is_kernel(p) for p in group["params"])
+            group["weight_decay"] = self.cfg.training.generator_weight_decay if kernels else 0.0
         if self.critic is not None and "critic" in state:
             unwrap(self.critic).load_state_dict(state["critic"])
             self.critic_optimizer.load_state_dict(state["critic_optimizer"])
