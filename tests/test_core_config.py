@@ -118,6 +118,19 @@ def test_an_int_is_accepted_for_an_optional_float_and_becomes_a_float():
     assert cfg.training.max_steps == 5 and isinstance(cfg.training.max_steps, int)
 
 
+def test_an_exponent_without_a_dot_is_a_float_in_overrides_and_yaml(tmp_path):
+    # PyYAML (YAML 1.1) reads "2e-3" as a string; a learning rate is written that way.
+    cfg = pipeline.load_config("tiny", ["training.generator_lr=2e-3", "evaluation.inference_step_size=1e-1"])
+    assert cfg.training.generator_lr == 0.002 and cfg.evaluation.inference_step_size == 0.1
+    path = tmp_path / "run.yaml"
+    path.write_text("preset: tiny\ntraining:\n  critic_lr: 5e-4\n")
+    assert pipeline.load_config(str(path)).training.critic_lr == 0.0005
+    with pytest.raises(pipeline.ConfigError, match="training.generator_lr: '2e-3x' is not a valid float"):
+        pipeline.load_config("tiny", ["training.generator_lr=2e-3x"])
+    # Where a string is expected, it stays a string.
+    assert pipeline.load_config("tiny", ["run.name=1e3"]).run.name == "1e3"
+
+
 def test_mlflow_checkpoint_labels_are_validated():
     with pytest.raises(pipeline.ConfigError, match="run.mlflow_checkpoints: 'latest' is not one of final, best"):
         pipeline.load_config("tiny", ["run.mlflow_checkpoints=[latest]"])
