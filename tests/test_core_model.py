@@ -111,6 +111,21 @@ def test_sparsity_schedule_dense_then_anneal():
     assert scheduled_k(target, extents, "fixed", 0.0, 0, 0) == target
 
 
+def test_both_weight_scalings_start_from_the_same_function_and_differ_in_stored_weights():
+    outputs, stored = [], []
+    for scaling in ("equalized", "standard"):
+        cfg = pipeline.load_config("tiny", [f"model.weight_scaling={scaling}", "sparsity_schedule.kind=fixed"])
+        torch.manual_seed(0)
+        generator = pipeline.build_generator(cfg)
+        with torch.no_grad():
+            outputs.append(generator(torch.ones(2, cfg.model.latent_dim)))
+        stored.append(generator.blocks[0][0].weight.detach().std().item())
+    assert torch.allclose(outputs[0], outputs[1], atol=1e-6)
+    # Equalized stores N(0, 1); standard stores He-normal weights, std sqrt(2 / fan_in).
+    fan_in = pipeline.load_config("tiny").model.fc_channels * 9
+    assert abs(stored[0] - 1.0) < 0.05 and abs(stored[1] - (2 / fan_in) ** 0.5) < 0.05 * (2 / fan_in) ** 0.5
+
+
 def test_critic_maps_images_to_one_energy_each():
     cfg = pipeline.load_config("tiny")
     critic = pipeline.build_critic(cfg)

@@ -43,11 +43,14 @@ class ScaledLinear(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.zeros(out_features))
-        self.scale = gain / math.sqrt(in_features) if equalized else 1.0
-        if equalized:
-            nn.init.normal_(self.weight)
-        else:
-            nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        # Both parameterisations start from the same function (He-normal weights, std gain / sqrt(fan_in));
+        # "equalized" stores N(0, 1) and multiplies by that std at run time, "standard" stores the product.
+        std = gain / math.sqrt(in_features)
+        nn.init.normal_(self.weight)
+        self.scale = std if equalized else 1.0
+        if not equalized:
+            with torch.no_grad():
+                self.weight.mul_(std)
 
     def forward(self, x: torch.Tensor, use_bias: bool = True) -> torch.Tensor:
         weight = self.weight * self.scale if self._frozen_weight is None else self._frozen_weight
@@ -67,11 +70,12 @@ class ScaledConv2d(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels, 3, 3))
         self.bias = nn.Parameter(torch.zeros(out_channels))
-        self.scale = gain / math.sqrt(in_channels * 9) if equalized else 1.0
-        if equalized:
-            nn.init.normal_(self.weight)
-        else:
-            nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        std = gain / math.sqrt(in_channels * 9)  # as ScaledLinear: one initial function for both
+        nn.init.normal_(self.weight)
+        self.scale = std if equalized else 1.0
+        if not equalized:
+            with torch.no_grad():
+                self.weight.mul_(std)
 
     def forward(self, x: torch.Tensor, use_bias: bool = True) -> torch.Tensor:
         weight = self._frozen_weight
