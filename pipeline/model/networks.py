@@ -34,6 +34,17 @@ from pipeline.model import sparse_conv, upsample_conv
 from pipeline.model.sparsity import relu_topk, spatial_relu_topk
 
 
+def _init_weight(weight: nn.Parameter, std: float, equalized: bool) -> float:
+    """He-normal initialisation; returns the run-time scale. Both parameterisations start from the same
+    function: "equalized" stores N(0, 1) and multiplies by ``std`` at run time, "standard" stores the product."""
+    nn.init.normal_(weight)
+    if equalized:
+        return std
+    with torch.no_grad():
+        weight.mul_(std)
+    return 1.0
+
+
 class ScaledLinear(nn.Module):
     """Linear layer with optional equalized-learning-rate scaling (weights N(0,1), scaled at run time)."""
 
@@ -43,14 +54,7 @@ class ScaledLinear(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.zeros(out_features))
-        # Both parameterisations start from the same function (He-normal weights, std gain / sqrt(fan_in));
-        # "equalized" stores N(0, 1) and multiplies by that std at run time, "standard" stores the product.
-        std = gain / math.sqrt(in_features)
-        nn.init.normal_(self.weight)
-        self.scale = std if equalized else 1.0
-        if not equalized:
-            with torch.no_grad():
-                self.weight.mul_(std)
+        self.scale = _init_weight(self.weight, gain / math.sqrt(in_features), equalized)
 
     def forward(self, x: torch.Tensor, use_bias: bool = True) -> torch.Tensor:
         weight = self.weight * self.scale if self._frozen_weight is None else self._frozen_weight
@@ -70,12 +74,7 @@ class ScaledConv2d(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels, 3, 3))
         self.bias = nn.Parameter(torch.zeros(out_channels))
-        std = gain / math.sqrt(in_channels * 9)  # as ScaledLinear: one initial function for both
-        nn.init.normal_(self.weight)
-        self.scale = std if equalized else 1.0
-        if not equalized:
-            with torch.no_grad():
-                self.weight.mul_(std)
+        self.scale = _init_weight(self.weight, gain / math.sqrt(in_channels * 9), equalized)
 
     def forward(self, x: torch.Tensor, use_bias: bool = True) -> torch.Tensor:
         weight = self._frozen_weight
