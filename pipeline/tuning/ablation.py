@@ -38,7 +38,7 @@ from pipeline.tuning.settings import FINAL_KEY, TrialSetup, parse_overrides
 # The default training budget of every arm per preset (``--max-steps``). None: the preset's own budget
 # (``training.epochs``). The lead sets the measured figure for tiny; nothing else reads this table.
 ABLATION_MAX_STEPS: dict[str, int | None] = {
-    "tiny": 1600,
+    "tiny": 800,
     "paper64": None,
     "celeba64": None,
     "fashion64": None,
