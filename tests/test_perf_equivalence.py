@@ -225,7 +225,10 @@ def test_generator_with_sparse_first_conv_matches_dense_generator(monkeypatch):
             torch.testing.assert_close(img_s, img_d, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(act_s, act_d, rtol=1e-5, atol=1e-5)
             for (name, _), a, b in zip([("z", None), *generator.named_parameters()], grads_s, grads_d):
-                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=f"{reading} k={k} grad {name}")
+                # Summation order differs between the paths, so the absolute tolerance follows each tensor's scale
+                # (standard-scaled weights have gradients in the hundreds); a wrong mask or index is O(1) relative.
+                atol = 1e-6 * max(1.0, b.abs().max().item())
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=atol, msg=f"{reading} k={k} grad {name}")
 
 
 def test_frozen_weight_cache_matches_uncached_chain_and_is_released(monkeypatch):
