@@ -56,6 +56,10 @@ class ModelConfig:
     # "keep": every unit >= the k-th largest value survives (the authors' rule; ties may keep > k).
     # "exact": exactly k units survive (ties broken by torch.topk's order).
     sparsity_ties: str = "keep"
+    # Which units a conv layer's top-k chooses among. "spatial" (Eq. 6's text): for each channel, the k
+    # largest of the H*W positions. "channel" (Sec. 3.2 and Fig. 1's reading, where each position of the
+    # grid is an OR-node choosing among the layer's d channels): at each position, the k largest channels.
+    conv_sparsity_axis: str = "spatial"
     critic_widths: list[int] = field(default_factory=lambda: [64, 128, 256, 512])
     critic_first_width: int = 64
     critic_convs_per_block: int = 2
@@ -220,9 +224,12 @@ class Config:
         return ["fc4"] + [f"conv{4 * 2 ** (i + 1)}" for i in range(len(self.model.widths))]
 
     def layer_extent(self, name: str) -> int:
-        """How many units a top-k of this layer chooses among (channels for fc4, H*W for convs)."""
+        """How many units a top-k of this layer chooses among: channels for fc4; for convs H*W positions, or
+        the layer's channels with ``conv_sparsity_axis = "channel"``."""
         if name == "fc4":
             return self.model.cell_channels if self.model.first_layer == "cells" else self.model.fc_channels
+        if self.model.conv_sparsity_axis == "channel":
+            return self.model.widths[self.layer_names().index(name) - 1]
         side = int(name[len("conv"):])
         return side * side
 
@@ -480,6 +487,8 @@ def validate(cfg: Config) -> None:
         p.append(_unknown("model.sparsity_ties", m.sparsity_ties, ["keep", "exact"]))
     if m.weight_scaling not in ("equalized", "standard"):
         p.append(_unknown("model.weight_scaling", m.weight_scaling, ["equalized", "standard"]))
+    if m.conv_sparsity_axis not in ("spatial", "channel"):
+        p.append(_unknown("model.conv_sparsity_axis", m.conv_sparsity_axis, ["spatial", "channel"]))
     if not p:
         names = cfg.layer_names()
         for name, value in m.sparsity.items():
@@ -487,7 +496,7 @@ def validate(cfg: Config) -> None:
                 p.append(_unknown("model.sparsity layer", name, names))
                 continue
             extent = cfg.layer_extent(name)
-            what = "channels" if name == "fc4" else "H*W positions"
+            what = "channels" if name == "fc4" or m.conv_sparsity_axis == "channel" else "H*W positions"
             if isinstance(value, float):
                 if not 0.0 < value <= 1.0:
                     p.append(f"model.sparsity.{name}: fraction {value} is outside (0, 1]")

@@ -141,3 +141,27 @@ def test_propagate_with_fixed_masks_reproduces_forward():
         images, activations, masks = generator(z, return_masks=True)
         again = generator.propagate("conv8", activations["conv8"], masks, use_bias=True, apply_tanh=True)
     torch.testing.assert_close(again, images)
+
+
+def test_channel_axis_keeps_k_channels_per_position_and_validates_k_against_channels():
+    # conv_sparsity_axis=channel: each conv layer's top-k chooses among its channels at every position (the
+    # OR-node reading of Sec. 3.2), so k is bounded by the layer's width, not by H*W.
+    cfg = pipeline.load_config("tiny", ["model.conv_sparsity_axis=channel", "model.sparsity.conv8=3",
+                                        "model.sparsity.conv16=5", "sparsity_schedule.kind=fixed"])
+    assert cfg.layer_extent("conv8") == 64 and cfg.layer_extent("conv16") == 32
+    torch.manual_seed(0)
+    generator = pipeline.build_generator(cfg)
+    with torch.no_grad():
+        _, activations, masks = generator(torch.randn(4, cfg.model.latent_dim), return_masks=True)
+    for name, k in (("conv8", 3), ("conv16", 5)):
+        per_position = (activations[name] != 0).sum(dim=1)
+        assert per_position.max() == k, name
+        assert (per_position == k).float().mean() > 0.5, name
+        # Per channel it is not limited: some channel is on at more than k positions.
+        assert (activations[name].flatten(2) != 0).sum(-1).max() > k, name
+    # The mask propagate() uses agrees with the activation it came from.
+    assert torch.equal(masks["block0.conv1"].bool(), activations["conv8"] != 0)
+    with pytest.raises(pipeline.ConfigError, match="conv16: k=128 is larger than the layer \\(32 channels\\)"):
+        pipeline.load_config("tiny", ["model.conv_sparsity_axis=channel"])
+    with pytest.raises(pipeline.ConfigError, match="conv_sparsity_axis"):
+        pipeline.load_config("tiny", ["model.conv_sparsity_axis=depth"])

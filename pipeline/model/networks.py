@@ -9,6 +9,9 @@ Generator (64x64, ``paper64``)::
     -> up x2 -> conv 64,  ReLU -> conv 64,  ReLU (dense)                       layer "conv64"
     -> conv 3, tanh
 
+``model.conv_sparsity_axis = "channel"`` makes each conv layer's top-k choose k of its channels at every
+position instead of k positions per channel.
+
 Every sparsifiable layer's post-sparsity tensor is returned by ``forward(z, return_activations=True)``.
 Because all non-linearities are ReLU masks and top-k masks, fixing the masks of one forward pass makes
 the rest of the network linear in any layer's activation: ``propagate`` re-runs the network from a layer
@@ -136,6 +139,7 @@ class SparseGenerator(nn.Module):
         self.fc_channels = m.fc_channels
         self.cell_channels = m.cell_channels
         self.ties = m.sparsity_ties
+        self.conv_sparsity_axis = m.conv_sparsity_axis
         self.layer_names = cfg.layer_names()
         fc_out = 16 * (m.cell_channels if m.first_layer == "cells" else m.fc_channels)
         self.fc = ScaledLinear(m.latent_dim, fc_out, equalized)
@@ -190,7 +194,10 @@ class SparseGenerator(nn.Module):
                     pre = upsample_conv.upsample_conv(conv, x, fused=self.fused_upsample_conv)
                 if conv_index == len(convs) - 1:
                     k = self.k[self.layer_names[block_index + 1]]
-                    x, mask = spatial_relu_topk(pre, k, self.ties, return_mask=return_masks)
+                    if self.conv_sparsity_axis == "channel":
+                        x, mask = relu_topk(pre, k, dim=1, ties=self.ties, return_mask=return_masks)
+                    else:
+                        x, mask = spatial_relu_topk(pre, k, self.ties, return_mask=return_masks)
                 else:
                     x = F.relu(pre)
                     mask = (pre > 0).to(pre.dtype) if return_masks else None

@@ -5,6 +5,8 @@ into the activation, so gradients reach kept units only and the mask itself carr
 
 * channel top-k (Z -> O layer): at each spatial position keep the k largest of the C channels;
 * spatial top-k (later layers): for each (sample, channel) keep the k largest of the H*W positions.
+  With ``model.conv_sparsity_axis = "channel"`` the later layers use the channel form instead (Sec. 3.2's
+  reading, one OR-node per position); the generator then calls ``relu_topk`` along dim 1.
 
 Tie rule ("keep", the authors' rule): a unit survives when its value is >= the k-th largest value, so
 ties at the threshold are all kept and a layer may keep more than k units *only* among exactly-equal
