@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.evaluation.parts import NONE_LABEL, cell_labels, firing_counts, part_interpretability, summarise
+from pipeline.evaluation.parts import (NONE_LABEL, _mutual_information_bits, cell_labels, channel_information_bits,
+                                      firing_counts, part_interpretability, strongest_firings, summarise)
 from tests.test_eval_fixtures import demo_data, tiny_generator  # noqa: F401 - fixtures
 
 
@@ -50,6 +51,39 @@ def test_part_interpretability_on_demo_data(demo_data, tiny_generator):
         assert 0.0 <= metrics[key] <= 1.0 or math.isnan(metrics[key]), key
     # conv8 keeps k=16 positions per channel: at most 16 firings per channel and image.
     assert metrics["parts_firings_per_image_conv8"] <= 16 * 64
+
+
+def test_channel_information_terms_sum_to_the_mutual_information_and_rank_the_part_unit_first():
+    rng = np.random.default_rng(0)
+    counts = rng.integers(0, 20, size=(5, 4))
+    counts[2] = [40, 0, 0, 1]  # one channel that fires almost only on label 0
+    bits = channel_information_bits(counts)
+    assert bits.sum() == pytest.approx(_mutual_information_bits(counts)[0])
+    assert (bits >= -1e-12).all() and int(np.argmax(bits)) == 2
+    assert channel_information_bits(np.zeros((3, 2))).tolist() == [0.0, 0.0, 0.0]
+
+
+def test_strongest_firings_take_one_position_per_image_strongest_first():
+    acts = torch.zeros(3, 2, 4, 4)
+    acts[0, 1, 1, 2], acts[0, 1, 3, 3] = 5.0, 2.0  # image 0: best at (1, 2)
+    acts[2, 1, 0, 0] = 7.0
+    acts[1, 0, 2, 2] = 9.0  # another channel
+    assert strongest_firings(acts, 1, 5) == [(2, 0, 0, 7.0), (0, 1, 2, 5.0)]
+    assert strongest_firings(acts, 1, 1) == [(2, 0, 0, 7.0)]
+
+
+def test_evaluate_parts_draws_the_part_units_figure(demo_data, tiny_generator, tmp_path):
+    from PIL import Image
+
+    from pipeline.evaluation import evaluate
+
+    cfg, generator = tiny_generator
+    metrics, artifacts = evaluate(cfg, generator, demo_data, ["parts"], out_dir=tmp_path, progress=False)
+    assert artifacts["parts_png"] == str(tmp_path / "parts_conv8.png")
+    with Image.open(artifacts["parts_png"]) as picture:
+        width, height = picture.size
+    # Eight channel rows of nine tiles (the basis function and eight firings).
+    assert width > 400 and height > 600
 
 
 def test_holdout_mse_and_its_ranges(demo_data, tiny_generator, tmp_path):

@@ -314,7 +314,8 @@ def write_pictures(checkpoint_uri: str, data_url: str, out_dir: Path) -> dict[st
     # Row 1: holdout originals; row 2: their reconstructions (Langevin from the prior).
     image_grid(torch.cat([images, reconstructions]), columns=16).save(pictures["holdout reconstructions"])
     layer = cfg.evaluation.matching_layer
-    for label, name in ((f"{layer} basis functions (Table 4)", f"matching_{layer}.png"), ("AND-OR tree (Fig. 1)", "and_or_tree.png")):
+    for label, name in ((f"{layer} basis functions (Table 4)", f"matching_{layer}.png"),
+                        (f"{layer} units vs true parts", f"parts_{layer}.png"), ("AND-OR tree (Fig. 1)", "and_or_tree.png")):
         if (out_dir / name).exists():
             pictures[label] = out_dir / name
     return pictures

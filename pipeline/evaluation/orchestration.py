@@ -231,11 +231,12 @@ def evaluate(
 
                     part_metrics, details = part_interpretability(
                         generator, cfg, data_url, layer=layer, num_images=cfg.evaluation.matching_images, seed=seed,
-                        progress=progress)
+                        progress=progress, figure_path=out / f"parts_{layer}.png")
                     results.update(part_metrics)
                     path = out / f"parts_{layer}.json"
                     path.write_text(json.dumps(details, indent=1))
                     artifacts["parts_json"] = str(path)
+                    artifacts["parts_png"] = str(out / f"parts_{layer}.png")
             except MetricUnavailable:
                 raise
             except Exception as error:  # noqa: BLE001 - data problems become "unavailable", bugs still surface

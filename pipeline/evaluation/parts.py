@@ -21,6 +21,12 @@ Metrics (counts of firings, not activation-weighted):
 * ``parts_on_part_fraction_<layer>``: share of firings whose centre lies on a part.
 * ``parts_firings_per_image_<layer>``, ``parts_units_<layer>`` (channels that fired at least once).
 
+Picture (``figure_path``, ``parts_<layer>.png``): what the most informative channels fire on. Channels are
+ranked by their share of I(channel; part type) (``channel_information_bits``); each row shows one channel's
+basis function at its strongest firing, then the training-image windows of its strongest firings (one per
+image, ``FIGURE_WINDOW_CELLS`` cells of the layer's grid around the unit's projective-field centre), each
+titled with the ground-truth label at that firing. A unit that carries a part shows the same part in its row.
+
 A dense model fires almost everywhere, so its purity sits near chance; the comparison of sparse vs dense is
 two runs, as for Table 4.
 """
@@ -35,6 +41,9 @@ import torch
 from pipeline.evaluation.basis import layer_side, receptive_field_centre_px
 
 NONE_LABEL = "none"
+# Side of the image window shown per firing in the figure, in cells of the layer's grid (3 cells = 12 px for
+# conv8 of a 32 px image): the unit's own cell and one around it, where its basis function lies.
+FIGURE_WINDOW_CELLS = 3.0
 
 
 def cell_labels(parts: list[dict], layer: str, resolution: int, image_size: int) -> tuple[list[str], list[str]]:
@@ -88,6 +97,79 @@ def firing_counts(activations: torch.Tensor, labels_per_image: list[list[str]], 
     return counts
 
 
+def channel_information_bits(counts: np.ndarray) -> np.ndarray:
+    """(C,) each channel's term of I(C; L) in bits, p(c) KL(p(l | c) || p(l)); they sum to I(C; L)."""
+    total = counts.sum()
+    if total == 0:
+        return np.zeros(counts.shape[0])
+    joint = counts / total
+    pc = joint.sum(axis=1, keepdims=True)
+    pl = joint.sum(axis=0, keepdims=True)
+    ratio = np.divide(joint, pc @ pl, out=np.ones_like(joint), where=joint > 0)
+    return (joint * np.log2(ratio)).sum(axis=1)
+
+
+def strongest_firings(activations: torch.Tensor, channel: int, count: int) -> list[tuple[int, int, int, float]]:
+    """(image, y, x, activation) of ``channel``'s ``count`` strongest firings, at most one per image."""
+    per_image = activations[:, channel].flatten(1)  # (B, S*S)
+    values, flat = per_image.max(dim=1)
+    side = activations.shape[-1]
+    order = [int(i) for i in values.argsort(descending=True) if float(values[i]) > 0][:count]
+    return [(i, *divmod(int(flat[i]), side), float(values[i])) for i in order]
+
+
+def write_part_units_png(path, generator, layer: str, images: torch.Tensor, latents: torch.Tensor,
+                         activations: torch.Tensor, type_labels: list[list[str]], counts_type: np.ndarray,
+                         type_vocab: list[str], *, rows: int = 8, per_row: int = 8):
+    """The figure of the module docstring: ``rows`` channels, ``per_row`` firings each."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from pipeline.evaluation.basis import Unit, basis_functions, forward_with_masks, to_display
+    from pipeline.evaluation.matching import field_box
+
+    bits = channel_information_bits(counts_type)
+    on = [i for i, v in enumerate(type_vocab) if v != NONE_LABEL]
+    base_rate = counts_type[:, on].sum(axis=0) / max(counts_type[:, on].sum(), 1)
+    channels = [int(c) for c in np.argsort(-bits) if counts_type[c].sum() > 0][:rows]
+    resolution = images.shape[-1]
+    side = activations.shape[-1]
+    fig = Figure(figsize=((per_row + 1) * 0.9, max(len(channels), 1) * 1.15 + 0.5), dpi=100)
+    FigureCanvasAgg(fig)
+    for row, channel in enumerate(channels):
+        firings = strongest_firings(activations, channel, per_row)
+        n_on = int(counts_type[channel, on].sum())
+        if n_on:
+            dominant = int(np.argmax(counts_type[channel, on]))
+            share = counts_type[channel, on][dominant] / n_on
+            what = (f"{type_vocab[on[dominant]]} {share:.0%} of {n_on} on-part firings "
+                    f"(base rate {base_rate[dominant]:.0%})")
+        else:
+            what = "no on-part firings"
+        ax = fig.add_subplot(len(channels), per_row + 1, row * (per_row + 1) + 1)
+        ax.set_axis_off()
+        if firings:
+            image_index, y, x, value = firings[0]
+            _, _, masks = forward_with_masks(generator, latents[image_index : image_index + 1])
+            basis = basis_functions(generator, masks, [Unit(0, layer, channel, y, x, value)])[0]
+            ax.imshow(to_display(basis.image), interpolation="nearest")
+        ax.set_title(f"c{channel} basis", fontsize=6)
+        ax.text(0.0, 1.6, f"channel {channel}: {bits[channel]:.3f} bits; {what}", transform=ax.transAxes,
+                fontsize=7, va="bottom")
+        for col, (image_index, y, x, _) in enumerate(firings):
+            y0, y1, x0, x1 = field_box(layer, y, x, resolution, FIGURE_WINDOW_CELLS)
+            window = images[image_index, :, y0:y1, x0:x1].float().cpu().numpy()
+            ax = fig.add_subplot(len(channels), per_row + 1, row * (per_row + 1) + col + 2)
+            ax.imshow(np.clip(np.moveaxis(window, 0, -1) * 0.5 + 0.5, 0, 1), interpolation="nearest")
+            ax.set_title(type_labels[image_index][y * side + x], fontsize=6)
+            ax.set_axis_off()
+    fig.suptitle(f"{layer}: the channels most informative of the ground-truth part type, and the training-image "
+                 f"windows where each fires most strongly", fontsize=8)
+    fig.subplots_adjust(hspace=1.3)
+    fig.savefig(path, bbox_inches="tight")
+    return path
+
+
 def summarise(counts_type: np.ndarray, type_vocab: list[str], counts_slot: np.ndarray, slot_vocab: list[str],
               layer: str, num_images: int) -> tuple[dict[str, float], dict]:
     """Metrics (see module docstring) and a per-channel table from the two count tables."""
@@ -124,8 +206,9 @@ def summarise(counts_type: np.ndarray, type_vocab: list[str], counts_slot: np.nd
 
 
 def part_interpretability(generator, cfg, data_url: str, *, layer: str = "conv8", num_images: int = 200,
-                          seed: int = 0, progress: bool = False) -> tuple[dict[str, float], dict]:
-    """(metrics, per-unit details) of ``layer`` on the first ``num_images`` training images of demo data."""
+                          seed: int = 0, progress: bool = False, figure_path=None) -> tuple[dict[str, float], dict]:
+    """(metrics, per-unit details) of ``layer`` on the first ``num_images`` training images of demo data;
+    with ``figure_path`` also the picture of the module docstring."""
     from tqdm import tqdm
 
     from pipeline.data import DataError, iter_ground_truth, make_loader, open_dataset
@@ -138,6 +221,7 @@ def part_interpretability(generator, cfg, data_url: str, *, layer: str = "conv8"
     truth = dict(iter_ground_truth(info, "train"))
     loader = make_loader(info, split="train", batch_size=cfg.training.batch_size, shuffle=False, image_size=resolution)
     type_labels, slot_labels, layer_acts, seen = [], [], [], 0
+    kept_images, kept_latents = [], []
     with tqdm(total=min(num_images, loader.num_samples), desc=f"parts ({layer})", unit="img", disable=not progress,
               dynamic_ncols=True) as bar:
         for batch_number, (indices, images) in enumerate(loader):
@@ -148,6 +232,9 @@ def part_interpretability(generator, cfg, data_url: str, *, layer: str = "conv8"
             with torch.no_grad():
                 _, activations = generator(z, return_activations=True)
             layer_acts.append(activations[layer].cpu())
+            if figure_path is not None:
+                kept_images.append(images.cpu())
+                kept_latents.append(z)
             for index in indices.tolist():
                 parts = [p for obj in truth[index]["objects"] for p in obj["parts"]]
                 types, slots = cell_labels(parts, layer, resolution, info.image_size)
@@ -162,4 +249,7 @@ def part_interpretability(generator, cfg, data_url: str, *, layer: str = "conv8"
     counts_slot = firing_counts(acts, slot_labels, slot_vocab)
     metrics, details = summarise(counts_type, type_vocab, counts_slot, slot_vocab, layer, seen)
     details["num_images"] = seen
+    if figure_path is not None:
+        write_part_units_png(figure_path, generator, layer, torch.cat(kept_images), torch.cat(kept_latents), acts,
+                             type_labels, counts_type, type_vocab)
     return metrics, details
