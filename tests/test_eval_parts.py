@@ -59,6 +59,13 @@ def test_channel_information_terms_sum_to_the_mutual_information_and_rank_the_pa
     counts[2] = [40, 0, 0, 1]  # one channel that fires almost only on label 0
     bits = channel_information_bits(counts)
     assert bits.sum() == pytest.approx(_mutual_information_bits(counts)[0])
+    # I(C; L) = H(L) - H(L | C), computed here independently of parts.py.
+    joint = counts / counts.sum()
+    p_label, p_channel = joint.sum(0), joint.sum(1)
+    h_label = -sum(p * math.log2(p) for p in p_label if p > 0)
+    h_label_given_channel = -sum(joint[c, l] * math.log2(joint[c, l] / p_channel[c])
+                                 for c in range(joint.shape[0]) for l in range(joint.shape[1]) if joint[c, l] > 0)
+    assert bits.sum() == pytest.approx(h_label - h_label_given_channel)
     assert (bits >= -1e-12).all() and int(np.argmax(bits)) == 2
     assert channel_information_bits(np.zeros((3, 2))).tolist() == [0.0, 0.0, 0.0]
 

@@ -229,14 +229,15 @@ def evaluate(
                 elif metric == "parts":
                     from pipeline.evaluation.parts import part_interpretability
 
+                    figure = out / f"parts_{layer}.png"
                     part_metrics, details = part_interpretability(
                         generator, cfg, data_url, layer=layer, num_images=cfg.evaluation.matching_images, seed=seed,
-                        progress=progress, figure_path=out / f"parts_{layer}.png")
+                        progress=progress, figure_path=figure)
                     results.update(part_metrics)
                     path = out / f"parts_{layer}.json"
                     path.write_text(json.dumps(details, indent=1))
                     artifacts["parts_json"] = str(path)
-                    artifacts["parts_png"] = str(out / f"parts_{layer}.png")
+                    artifacts["parts_png"] = str(figure)
             except MetricUnavailable:
                 raise
             except Exception as error:  # noqa: BLE001 - data problems become "unavailable", bugs still surface

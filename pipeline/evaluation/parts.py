@@ -71,18 +71,26 @@ def _purity(counts: np.ndarray) -> float:
     return float(counts.max(axis=1).sum() / total) if total > 0 else float("nan")
 
 
+def channel_information_bits(counts: np.ndarray) -> np.ndarray:
+    """(C,) each channel's term of I(C; L) in bits, p(c) KL(p(l | c) || p(l)); they sum to I(C; L)."""
+    total = counts.sum()
+    if total == 0:
+        return np.zeros(counts.shape[0])
+    joint = counts / total
+    pc = joint.sum(axis=1, keepdims=True)
+    pl = joint.sum(axis=0, keepdims=True)
+    ratio = np.divide(joint, pc @ pl, out=np.ones_like(joint), where=joint > 0)
+    return (joint * np.log2(ratio)).sum(axis=1)
+
+
 def _mutual_information_bits(counts: np.ndarray) -> tuple[float, float]:
     """(I(C; L) in bits, H(L) in bits) from a joint count table (channels x labels)."""
     total = counts.sum()
     if total == 0:
         return float("nan"), float("nan")
-    joint = counts / total
-    pc = joint.sum(axis=1, keepdims=True)
-    pl = joint.sum(axis=0, keepdims=True)
-    nz = joint > 0
-    mi = float((joint[nz] * np.log2(joint[nz] / (pc @ pl)[nz])).sum())
+    pl = counts.sum(axis=0) / total
     pl_nz = pl[pl > 0]
-    return mi, float(-(pl_nz * np.log2(pl_nz)).sum())
+    return float(channel_information_bits(counts).sum()), float(-(pl_nz * np.log2(pl_nz)).sum())
 
 
 def firing_counts(activations: torch.Tensor, labels_per_image: list[list[str]], vocabulary: list[str]) -> np.ndarray:
@@ -95,18 +103,6 @@ def firing_counts(activations: torch.Tensor, labels_per_image: list[list[str]], 
         onehot[np.arange(len(labels)), [index[label] for label in labels]] = 1
         counts += fired[b].astype(np.int64) @ onehot
     return counts
-
-
-def channel_information_bits(counts: np.ndarray) -> np.ndarray:
-    """(C,) each channel's term of I(C; L) in bits, p(c) KL(p(l | c) || p(l)); they sum to I(C; L)."""
-    total = counts.sum()
-    if total == 0:
-        return np.zeros(counts.shape[0])
-    joint = counts / total
-    pc = joint.sum(axis=1, keepdims=True)
-    pl = joint.sum(axis=0, keepdims=True)
-    ratio = np.divide(joint, pc @ pl, out=np.ones_like(joint), where=joint > 0)
-    return (joint * np.log2(ratio)).sum(axis=1)
 
 
 def strongest_firings(activations: torch.Tensor, channel: int, count: int) -> list[tuple[int, int, int, float]]:
