@@ -124,8 +124,9 @@ class TrainingConfig:
     # Eq. 15 sums D squared residuals / (2 sigma^2) per image, while the critic's energies stay near +-1
     # (critic_energy_l2), so at weight 1 Eq. 20 was 1e-4 of Step 3's gradient and changed nothing. The
     # share is logged per step (grad_norm_critic vs grad_norm_reconstruction); tiny's value was chosen on
-    # SWD over 4 seeds (README "A critic that matters"). The paper presets' 1000 was not measured at 64 px,
-    # where Eq. 15 has 4x the pixels: watch the logged share there.
+    # SWD over 4 seeds (README "A critic that matters"). Eq. 15 grows with the pixel count and Eq. 20 does
+    # not, so at 64 px the same weight gives the critic a much smaller share (measured with tiny's widths);
+    # the paper presets' 1000 was not measured with their own widths: watch the logged share there.
     critic_weight: float = 1000.0
     # Weight of an L2 penalty on the critic's energies, mean f(Y)^2 + mean f(g(Z^))^2, added to Eq. 21.
     # Eq. 21 alone is unbounded below: without it the energies drift to +-1e4 within a few hundred steps
