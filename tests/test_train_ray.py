@@ -64,51 +64,24 @@ def test_two_workers_finish_and_log_to_mlflow(two_worker_result):
     assert loaded.config.run.name == "two-workers"
 
 
-def test_same_name_again_resumes_the_run(two_worker_result, demo_shards, workdir, capfd):
-    cfg = _cfg(demo_shards, "run.workers=2", "training.max_steps=10", "run.name=two-workers")
+def test_same_name_again_resumes_and_a_crash_restarts_from_the_last_checkpoint_in_one_mlflow_run(
+        two_worker_result, demo_shards, workdir, capfd):
+    """The same run name again resumes the shared 2-worker run (steps 8 -> 10); rank 1 dies at step 9 (the
+    worker process exits) and Ray Train restarts the worker group from the step-8 checkpoint on the shared
+    directory. One Train run serves both checks (each run costs a worker-group start)."""
+    cfg = _cfg(demo_shards, "run.workers=2", "training.max_steps=10", "run.name=two-workers",
+               "run.crash_rank=1", "run.crash_at_step=9", "run.max_failures=2")
     result = train(cfg, workdir=str(workdir))
     assert result["resumed"] is True
     assert result["run_id"] == two_worker_result["run_id"]
     assert "resuming it from its latest checkpoint" in capfd.readouterr().out
+    assert (Path(workdir) / "faults" / "two-workers-rank1-step9").exists(), "the fault was never injected"
     assert load_checkpoint(result["checkpoint"]).meta["step"] == 10
-    assert len(_runs_named(result, "two-workers")) == 1
-
-
-def test_crash_on_rank1_resumes_from_last_checkpoint_with_one_mlflow_run(ray_session, demo_shards, workdir):
-    cfg = _cfg(demo_shards, "run.workers=2", "training.max_steps=10", "run.name=crashy",
-               "run.crash_rank=1", "run.crash_at_step=6", "run.max_failures=2")
-    result = train(cfg, workdir=str(workdir))
-    marker = Path(workdir) / "faults" / "crashy-rank1-step6"
-    assert marker.exists(), "the fault was never injected"
-    assert load_checkpoint(result["checkpoint"]).meta["step"] == 10
-    runs = _runs_named(result, "crashy")
+    runs = _runs_named(result, "two-workers")
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
-    # Steps 5-6 ran twice (before the crash and after restoring the step-4 checkpoint); step 10 was reached.
+    # Step 9 ran twice (before the crash and after restoring the step-8 checkpoint); step 10 was reached.
     history = mlflow_run.client(result["tracking_uri"]).get_metric_history(result["run_id"], "reconstruction_mse")
     assert max(m.step for m in history) == 10
-
-
-def test_cli_train_json_on_a_folder_of_images(ray_session, workdir, tmp_path, capsys):
-    """`sparsegen train --data FOLDER` ingests raw images into shards once, then trains on them."""
-    import numpy as np
-    from PIL import Image
-
-    from pipeline.cli import main
-
-    folder = tmp_path / "photos"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(40):
-        Image.fromarray(rng.integers(0, 255, (48, 40, 3), dtype=np.uint8)).save(folder / f"img{i:03d}.png")
-    code = main(["train", "--preset", "tiny", *sum((["--set", o] for o in FAST_TRAINING_OVERRIDES), []),
-                 "--data", str(folder), "--workers", "1", "--max-steps", "2", "--name", "cli-run",
-                 "--workdir", str(workdir), "--json"])
-    assert code == 0
-    captured = capsys.readouterr().out
-    assert "holds raw images: ingesting them" in captured
-    report = json.loads(captured.strip().splitlines()[-1])
-    assert set(report) >= {"run_id", "name", "checkpoint", "metrics"} and report["name"] == "cli-run"
-    assert (Path(workdir) / "data" / "photos-32px" / "manifest.parquet").exists()
 
 
 def test_progress_line_names_step_throughput_mse_and_eta():
@@ -175,11 +148,16 @@ def test_bar_only_on_a_terminal_unless_forced(monkeypatch):
     assert bar_wanted(io.StringIO())
 
 
-def test_terminal_run_draws_a_bar_from_rank0_records_instead_of_lines(ray_session, demo_shards, workdir, monkeypatch,
-                                                                      capfd):
-    """With the driver on a terminal (forced here), rank 0 sends its records to the driver's bar: the bar
-    reaches the last step, and no per-interval progress line is printed."""
+def test_cli_train_on_a_folder_of_images_ingests_it_and_a_terminal_gets_a_bar(ray_session, workdir, tmp_path, monkeypatch,
+                                                                             capfd):
+    """`sparsegen train --data FOLDER` ingests raw images into shards once, then trains on them. With the
+    driver on a terminal (forced here), rank 0 sends its records to the driver's bar: the bar reaches the last
+    step, and no per-interval progress line is printed. One Train run serves both checks."""
+    import numpy as np
+    from PIL import Image
+
     import pipeline.distributed.progress as progress
+    from pipeline.cli import main
 
     bars = []
     original = progress.ProgressBar
@@ -191,9 +169,20 @@ def test_terminal_run_draws_a_bar_from_rank0_records_instead_of_lines(ray_sessio
 
     monkeypatch.setenv(progress.PROGRESS_BAR_ENV, "1")
     monkeypatch.setattr(progress, "ProgressBar", Recording)
-    cfg = _cfg(demo_shards, "training.max_steps=4", "run.log_every_steps=2", "run.name=bar-run",
-               "evaluation.at_end=[]")
-    train(cfg, workdir=str(workdir))
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(40):
+        Image.fromarray(rng.integers(0, 255, (48, 40, 3), dtype=np.uint8)).save(folder / f"img{i:03d}.png")
+    code = main(["train", "--preset", "tiny", *sum((["--set", o] for o in FAST_TRAINING_OVERRIDES), []),
+                 "--set", "run.log_every_steps=2", "--data", str(folder), "--workers", "1", "--max-steps", "4",
+                 "--name", "cli-run", "--workdir", str(workdir), "--json"])
+    assert code == 0
+    captured = capfd.readouterr().out
+    assert "holds raw images: ingesting them" in captured
+    report = json.loads(captured.strip().splitlines()[-1])
+    assert set(report) >= {"run_id", "name", "checkpoint", "metrics"} and report["name"] == "cli-run"
+    assert (Path(workdir) / "data" / "photos-32px" / "manifest.parquet").exists()
     assert len(bars) == 1 and bars[0].records >= 1
     assert bars[0].bar is not None and bars[0].bar.n == 4 and bars[0].bar.total == 4
-    assert "[sparsegen] step 2/4" not in capfd.readouterr().out
+    assert "[sparsegen] step 2/4" not in captured
