@@ -42,10 +42,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--dense", action="store_true", help="every model.sparsity k null (the dense arm)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--metrics", default="mse,matching,parts,swd")
+    parser.add_argument("--metrics", default="mse,matching,parts,swd",
+                        help="evaluation metrics after training; 'none' skips the evaluation (pictures are still drawn)")
+    parser.add_argument("--log-every", type=int, default=50, metavar="STEPS",
+                        help="print the running means every STEPS iterations (default 50)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="quick-train")
     args = parser.parse_args(argv)
+    if args.log_every < 1 or args.steps < 1:
+        parser.error("--steps and --log-every must be at least 1")
 
     torch.set_num_threads(args.threads)
     overrides = list(args.overrides)
@@ -75,18 +80,22 @@ def main(argv: list[str] | None = None) -> int:
             learner.set_epoch(step / steps_per_epoch)
             window.append(learner.step(indices[chosen], images[chosen]).as_floats())
             step += 1
-            if step % 50 == 0 or step == args.steps:
+            if step % args.log_every == 0 or step == args.steps:
                 mean = {k: sum(m[k] for m in window) / len(window) for k in window[0]}
                 print(f"[{args.name}] step {step} epoch {step / steps_per_epoch:.1f} "
                       f"mse {mean['reconstruction_mse']:.4f} grad_norm_reconstruction {mean['grad_norm_reconstruction']:.3g} "
-                      f"grad_norm_critic {mean['grad_norm_critic']:.3g} {time.perf_counter() - started:.0f} s", flush=True)
+                      f"grad_norm_critic {mean['grad_norm_critic']:.3g} "
+                      f"critic_share {mean['grad_norm_critic'] / max(mean['grad_norm_reconstruction'], 1e-12):.3g} "
+                      f"{time.perf_counter() - started:.0f} s", flush=True)
                 window = []
     train_s = time.perf_counter() - started
 
     out = Path(args.out) / args.name
     out.mkdir(parents=True, exist_ok=True)
     torch.save({"config": cfg.to_dict(), "generator": generator.state_dict()}, out / "generator.pt")
-    metrics, _ = evaluate(cfg, generator, args.data, args.metrics.split(","), out_dir=out, progress=False)
+    metrics = {}
+    if args.metrics != "none":
+        metrics, _ = evaluate(cfg, generator, args.data, args.metrics.split(","), out_dir=out, progress=False)
     image_grid(generate(generator, 32, cfg, seed=1234), columns=8).save(out / "samples.png")
     _, holdout = read_images(args.data, "holdout", 16, cfg.model.resolution)
     _, recon = reconstruct(generator, holdout, cfg, seed=0)
