@@ -163,7 +163,7 @@ def test_pbt_search_exploits_a_checkpoint_and_keeps_one_child_run_per_trial(ray_
     code = main(args)
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     elapsed = time.monotonic() - started
-    print(f"\n[timing] 2-trial PBT search took {elapsed:.0f} s")
+    print(f"\n[timing] 2-trial PBT search took {elapsed:.0f} s, {summary.get('pbt_exploits')} exploit(s)")
     assert code == 0, summary
     assert summary["scheduler"] == "pbt" and summary["search"] == "grid"
     assert summary["trials"] == 2 and summary["trials_finished"] == 2 and summary["trials_failed"] == 0
