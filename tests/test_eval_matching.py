@@ -48,6 +48,22 @@ def test_unmatchable_patterns_are_skipped():
     assert result["scores"][0] is None and result["skipped"] == 1 and result["scored"] == 1
 
 
+def test_a_pattern_of_constant_luminance_is_skipped_in_gray_and_scored_in_rgb():
+    # Two colours of equal luminance (0.299 R + 0.587 G + 0.114 B = 0.299) in a checkerboard: the pattern varies
+    # in RGB, its gray template is constant, so gray NCC is 0 / 0 (match_template returned thousands for such a
+    # patch before it was skipped).
+    red, grey = np.array([1.0, 0.0, 0.0]), np.full(3, 0.299)
+    checker = np.where((np.indices((5, 6)).sum(0) % 2 == 0)[None], red[:, None, None], grey[:, None, None])
+    assert np.ptp(checker) > 0
+    assert not matchable(checker, 16, "gray")
+    assert matchable(checker, 16, "rgb")
+    images = _images(n=3, side=16)
+    gray = match_basis_functions([checker], images)
+    assert gray["scores"] == [None] and gray["skipped"] == 1 and np.isnan(gray["score"])
+    rgb = match_basis_functions([checker], images, colour="rgb")
+    assert rgb["scored"] == 1 and -1.0 <= rgb["score"] <= 1.0
+
+
 def test_matching_score_of_a_tiny_model(tiny_generator):
     import torch
 

@@ -27,8 +27,9 @@ sparse and a dense model are compared on equal windows (reported as ``matching_s
 Units scored (``units_for_matching``): for ``num_latents`` Z's drawn from N(0, I) with a fixed seed, the
 ``units_per_latent`` most strongly activated units of the layer per Z (activation > 0 after ReLU and top-k).
 Basis functions of a dense and a sparse model are thus chosen by the same rule: the units that carry each
-image. Basis functions with an empty or single-pixel support, or a constant one, cannot be normalised and
-are skipped (counted in ``skipped``).
+image. Basis functions with an empty or single-pixel support, or whose matched template is constant (in
+gray: constant luminance, even where the colours vary), cannot be normalised and are skipped (counted in
+``skipped``).
 
 Speed: instead of one match_template call per (basis function, image), the images are tiled into one mosaic
 and matched in a single FFT call per basis function; only window positions lying wholly inside one tile are
@@ -110,10 +111,18 @@ class ImageMosaic:
         return MatchResult(per_image_best=best, per_image_location=locations, best=float(best[top]), best_image=top)
 
 
-def matchable(pattern_chw: np.ndarray, image_side: int) -> bool:
-    """A basis function can be scored when its support is > 1 pixel, fits the image and is not constant."""
+def matchable(pattern_chw: np.ndarray, image_side: int, colour: str = "gray") -> bool:
+    """A basis function can be scored when its support is > 1 pixel, fits the image and the template that is
+    matched (its luminance for ``colour="gray"``) is not constant. A patch of one uniform colour varies in RGB
+    but not in luminance; its gray NCC is 0 / 0, which match_template would turn into an arbitrary number."""
     _, h, w = pattern_chw.shape
-    return h * w > 1 and h <= image_side and w <= image_side and float(np.ptp(pattern_chw)) > 0.0
+    if h * w <= 1 or h > image_side or w > image_side:
+        return False
+    template = np.asarray(pattern_chw, np.float64)
+    if colour == "gray":
+        template = np.tensordot(_LUMA, template, axes=1)
+    scale = float(np.abs(template).max())
+    return scale > 0.0 and float(template.std()) > 1e-9 * scale
 
 
 def match_basis_functions(patterns_chw: list[np.ndarray], images_hwc: np.ndarray, *, colour: str = "gray",
@@ -128,7 +137,7 @@ def match_basis_functions(patterns_chw: list[np.ndarray], images_hwc: np.ndarray
     mosaic = ImageMosaic(images_hwc, colour)
     scores, image_means, locations = [], [], []
     for pattern in tqdm(patterns_chw, desc="template matching", unit="basis", disable=not progress, dynamic_ncols=True):
-        if not matchable(pattern, min(mosaic.h, mosaic.w)):
+        if not matchable(pattern, min(mosaic.h, mosaic.w), colour):
             scores.append(None)
             image_means.append(None)
             locations.append(None)
