@@ -1,4 +1,4 @@
-"""Where Table 4's matching score comes from: the same conv8 units scored under four conditions.
+"""Where Table 4's matching score comes from: the same conv8 units scored several ways.
 
 Table 4's basis function of a unit (``pipeline.evaluation.basis``) is its contribution with the ReLU / top-k
 masks of the forward pass frozen. This script scores the units of ``matching_score`` (8 strongest units of
@@ -11,7 +11,14 @@ each of 8 Z's, support crop, gray NCC over the first 100 training images) four w
   (``evaluation.inference_steps`` Langevin chain) instead of drawn from N(0, I); ``posterior_latent_std``
   is the standard deviation of those Z's entries (1 under the prior);
 * ``per_channel``: frozen masks, but one unit per conv8 channel (its strongest over the 8 prior Z's), so the
-  score is the dictionary's mean rather than that of the few channels with the largest activations.
+  score is the dictionary's mean rather than that of the few channels with the largest activations;
+* ``holdout_patches``: not the model's patterns but real image parts in their place: each ``frozen`` basis
+  function's crop box filled with the pixels of a holdout image (the i-th box from holdout image i mod 64),
+  scored the same way. It is what a basis function that looked exactly like a part of an unseen image, at
+  the same size and place, would score: the ceiling of Table 4's number on these data;
+* ``dark_blobs``: each box filled with the same meaningless pattern, a dark isotropic Gaussian (sigma a
+  quarter of the box side) on a zero ground, in all three channels: what a dictionary of one generic blob
+  scores, a floor for "part-like".
 
 ``weights_from_init`` says how much of each trained weight tensor is still its random start: per layer,
 the coefficient c of W0 in W (W projected on the initial draw W0 of ``initial_generator``, 1 = untouched)
@@ -67,7 +74,7 @@ def opened(masks: dict, prefixes: tuple[str, ...]) -> dict:
     return {k: torch.ones_like(v) if k.startswith(prefixes) else v for k, v in masks.items()}
 
 
-def score(generator, z, images_hwc, open_blocks: tuple[str, ...] = (), per_channel: bool = False) -> float:
+def units_and_bases(generator, z, open_blocks: tuple[str, ...] = (), per_channel: bool = False):
     _, activations, masks = forward_with_masks(generator, z)
     if per_channel:
         strongest = {}  # active_units ranks within each Z; rank over all 8 Z's before keeping a channel's first
@@ -76,8 +83,30 @@ def score(generator, z, images_hwc, open_blocks: tuple[str, ...] = (), per_chann
         units = list(strongest.values())
     else:
         units = active_units(activations, LAYER, top=8)
-    bases = basis_functions(generator, opened(masks, open_blocks), units)
+    return basis_functions(generator, opened(masks, open_blocks), units)
+
+
+def score(generator, z, images_hwc, open_blocks: tuple[str, ...] = (), per_channel: bool = False) -> float:
+    bases = units_and_bases(generator, z, open_blocks, per_channel)
     return float(match_basis_functions([b.image for b in bases], images_hwc)["score"])
+
+
+def dark_blobs_score(generator, z, images_hwc) -> float:
+    """Score of one dark Gaussian blob per crop box of the ``frozen`` basis functions (see the docstring)."""
+    patches = []
+    for y0, y1, x0, x1 in (b.box for b in units_and_bases(generator, z)):
+        rows, cols = np.mgrid[: y1 - y0, : x1 - x0]
+        h, w = y1 - y0, x1 - x0
+        blob = -np.exp(-0.5 * (((rows - (h - 1) / 2) / (h / 4)) ** 2 + ((cols - (w - 1) / 2) / (w / 4)) ** 2))
+        patches.append(np.repeat(blob[None], 3, axis=0))
+    return float(match_basis_functions(patches, images_hwc)["score"])
+
+
+def holdout_patches_score(generator, z, images_hwc, holdout_chw: np.ndarray) -> float:
+    """Score of holdout-image crops at the crop boxes of the ``frozen`` basis functions (see the docstring)."""
+    patches = [holdout_chw[i % len(holdout_chw), :, y0:y1, x0:x1]
+               for i, (y0, y1, x0, x1) in enumerate(b.box for b in units_and_bases(generator, z))]
+    return float(match_basis_functions(patches, images_hwc)["score"])
 
 
 def weights_from_init(cfg, generator) -> dict:
@@ -107,12 +136,15 @@ def main(argv: list[str] | None = None) -> int:
     prior = torch.randn(8, cfg.model.latent_dim, generator=torch.Generator().manual_seed(0))
     blocks = [f"block{i}." for i in range(len(generator.blocks))]
     posterior = infer_latents(generator, images[100:108], cfg, seed=0)
+    _, holdout = read_images(args.data, "holdout", 64, cfg.model.resolution)
     result = {
         "frozen": score(generator, prior, images_hwc),
         "open_last_block": score(generator, prior, images_hwc, (blocks[-1],)),
         "open_all": score(generator, prior, images_hwc, tuple(blocks[1:])),
         "posterior": score(generator, posterior, images_hwc),
         "per_channel": score(generator, prior, images_hwc, per_channel=True),
+        "holdout_patches": holdout_patches_score(generator, prior, images_hwc, holdout.numpy().astype(np.float64)),
+        "dark_blobs": dark_blobs_score(generator, prior, images_hwc),
         # How far the latents of real images lie from N(0, I): 1 for the prior.
         "posterior_latent_std": float(posterior.std()),
         "weights_from_init": weights_from_init(cfg, generator),
