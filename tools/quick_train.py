@@ -46,11 +46,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="evaluation metrics after training; 'none' skips the evaluation (pictures are still drawn)")
     parser.add_argument("--log-every", type=int, default=50, metavar="STEPS",
                         help="print the running means every STEPS iterations (default 50)")
+    parser.add_argument("--init-gain", type=float, default=1.0, metavar="G",
+                        help="multiply every generator kernel's initial draw by G (default 1: the model's own init)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="quick-train")
     args = parser.parse_args(argv)
     if args.log_every < 1 or args.steps < 1:
         parser.error("--steps and --log-every must be at least 1")
+    if args.init_gain <= 0:
+        parser.error("--init-gain must be positive")
 
     torch.set_num_threads(args.threads)
     overrides = list(args.overrides)
@@ -61,7 +65,11 @@ def main(argv: list[str] | None = None) -> int:
     cfg.data.url = args.data
     torch.manual_seed(cfg.training.seed)
     device = torch.device("cpu")
-    generator = prepare_module(build_generator(cfg), cfg, device)
+    generator = build_generator(cfg)
+    with torch.no_grad():  # biases start at zero, so scaling the kernels scales the whole initial draw
+        for weight in (p for p in generator.parameters() if p.ndim > 1):
+            weight.mul_(args.init_gain)
+    generator = prepare_module(generator, cfg, device)
     critic = prepare_module(build_critic(cfg), cfg, device) if cfg.training.critic_weight > 0 else None
     info = open_dataset(args.data)
     indices, images = read_images(args.data, "train", info.num_train, cfg.model.resolution)
@@ -103,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     with torch.no_grad():
         persistent = generator(bank.gather(indices[:16]))
     image_grid(torch.cat([images[:16], persistent]), columns=16).save(out / "train_reconstructions.png")
-    result = {"name": args.name, "steps": args.steps, "overrides": overrides, "train_s": round(train_s, 1),
+    result = {"name": args.name, "steps": args.steps, "overrides": overrides, "init_gain": args.init_gain,
+              "train_s": round(train_s, 1),
               **{k: v for k, v in metrics.items() if isinstance(v, float)}}
     (out / "result.json").write_text(json.dumps(result, indent=1))
     print(json.dumps(result))
