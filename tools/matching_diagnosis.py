@@ -86,27 +86,28 @@ def units_and_bases(generator, z, open_blocks: tuple[str, ...] = (), per_channel
     return basis_functions(generator, opened(masks, open_blocks), units)
 
 
+def score_patterns(patterns_chw: list[np.ndarray], images_hwc) -> float:
+    return float(match_basis_functions(patterns_chw, images_hwc)["score"])
+
+
 def score(generator, z, images_hwc, open_blocks: tuple[str, ...] = (), per_channel: bool = False) -> float:
-    bases = units_and_bases(generator, z, open_blocks, per_channel)
-    return float(match_basis_functions([b.image for b in bases], images_hwc)["score"])
+    return score_patterns([b.image for b in units_and_bases(generator, z, open_blocks, per_channel)], images_hwc)
 
 
-def dark_blobs_score(generator, z, images_hwc) -> float:
-    """Score of one dark Gaussian blob per crop box of the ``frozen`` basis functions (see the docstring)."""
+def dark_blobs(boxes) -> list[np.ndarray]:
+    """One dark Gaussian blob (3, h, w) per crop box (see the docstring)."""
     patches = []
-    for y0, y1, x0, x1 in (b.box for b in units_and_bases(generator, z)):
-        rows, cols = np.mgrid[: y1 - y0, : x1 - x0]
+    for y0, y1, x0, x1 in boxes:
         h, w = y1 - y0, x1 - x0
+        rows, cols = np.mgrid[:h, :w]
         blob = -np.exp(-0.5 * (((rows - (h - 1) / 2) / (h / 4)) ** 2 + ((cols - (w - 1) / 2) / (w / 4)) ** 2))
         patches.append(np.repeat(blob[None], 3, axis=0))
-    return float(match_basis_functions(patches, images_hwc)["score"])
+    return patches
 
 
-def holdout_patches_score(generator, z, images_hwc, holdout_chw: np.ndarray) -> float:
-    """Score of holdout-image crops at the crop boxes of the ``frozen`` basis functions (see the docstring)."""
-    patches = [holdout_chw[i % len(holdout_chw), :, y0:y1, x0:x1]
-               for i, (y0, y1, x0, x1) in enumerate(b.box for b in units_and_bases(generator, z))]
-    return float(match_basis_functions(patches, images_hwc)["score"])
+def holdout_patches(boxes, holdout_chw: np.ndarray) -> list[np.ndarray]:
+    """The i-th crop box cut from holdout image i mod N (see the docstring)."""
+    return [holdout_chw[i % len(holdout_chw), :, y0:y1, x0:x1] for i, (y0, y1, x0, x1) in enumerate(boxes)]
 
 
 def weights_from_init(cfg, generator) -> dict:
@@ -137,14 +138,16 @@ def main(argv: list[str] | None = None) -> int:
     blocks = [f"block{i}." for i in range(len(generator.blocks))]
     posterior = infer_latents(generator, images[100:108], cfg, seed=0)
     _, holdout = read_images(args.data, "holdout", 64, cfg.model.resolution)
+    frozen = units_and_bases(generator, prior)
+    boxes = [b.box for b in frozen]
     result = {
-        "frozen": score(generator, prior, images_hwc),
+        "frozen": score_patterns([b.image for b in frozen], images_hwc),
         "open_last_block": score(generator, prior, images_hwc, (blocks[-1],)),
         "open_all": score(generator, prior, images_hwc, tuple(blocks[1:])),
         "posterior": score(generator, posterior, images_hwc),
         "per_channel": score(generator, prior, images_hwc, per_channel=True),
-        "holdout_patches": holdout_patches_score(generator, prior, images_hwc, holdout.numpy().astype(np.float64)),
-        "dark_blobs": dark_blobs_score(generator, prior, images_hwc),
+        "holdout_patches": score_patterns(holdout_patches(boxes, holdout.numpy().astype(np.float64)), images_hwc),
+        "dark_blobs": score_patterns(dark_blobs(boxes), images_hwc),
         # How far the latents of real images lie from N(0, I): 1 for the prior.
         "posterior_latent_std": float(posterior.std()),
         "weights_from_init": weights_from_init(cfg, generator),

@@ -111,18 +111,27 @@ class ImageMosaic:
         return MatchResult(per_image_best=best, per_image_location=locations, best=float(best[top]), best_image=top)
 
 
+def _as_template(pattern_chw: np.ndarray, colour: str) -> np.ndarray:
+    """A basis function (3, h, w) as match_template compares it: (h, w) luminance for gray, (h, w, 3) for rgb."""
+    if colour not in ("gray", "rgb"):
+        raise ValueError(f"colour must be 'rgb' or 'gray', got {colour!r}")
+    template = np.moveaxis(np.asarray(pattern_chw, np.float64), 0, -1)
+    return template @ _LUMA if colour == "gray" else template
+
+
+def _normalisable(template: np.ndarray, image_side: int) -> bool:
+    h, w = template.shape[:2]
+    if h * w <= 1 or h > image_side or w > image_side:
+        return False
+    scale = float(np.abs(template).max())
+    return scale > 0.0 and float(template.std()) > 1e-9 * scale
+
+
 def matchable(pattern_chw: np.ndarray, image_side: int, colour: str = "gray") -> bool:
     """A basis function can be scored when its support is > 1 pixel, fits the image and the template that is
     matched (its luminance for ``colour="gray"``) is not constant. A patch of one uniform colour varies in RGB
     but not in luminance; its gray NCC is 0 / 0, which match_template would turn into an arbitrary number."""
-    _, h, w = pattern_chw.shape
-    if h * w <= 1 or h > image_side or w > image_side:
-        return False
-    template = np.asarray(pattern_chw, np.float64)
-    if colour == "gray":
-        template = np.tensordot(_LUMA, template, axes=1)
-    scale = float(np.abs(template).max())
-    return scale > 0.0 and float(template.std()) > 1e-9 * scale
+    return _normalisable(_as_template(pattern_chw, colour), image_side)
 
 
 def match_basis_functions(patterns_chw: list[np.ndarray], images_hwc: np.ndarray, *, colour: str = "gray",
@@ -137,12 +146,13 @@ def match_basis_functions(patterns_chw: list[np.ndarray], images_hwc: np.ndarray
     mosaic = ImageMosaic(images_hwc, colour)
     scores, image_means, locations = [], [], []
     for pattern in tqdm(patterns_chw, desc="template matching", unit="basis", disable=not progress, dynamic_ncols=True):
-        if not matchable(pattern, min(mosaic.h, mosaic.w), colour):
+        template = _as_template(pattern, colour)
+        if not _normalisable(template, min(mosaic.h, mosaic.w)):
             scores.append(None)
             image_means.append(None)
             locations.append(None)
             continue
-        result = mosaic.match(np.moveaxis(pattern, 0, -1))
+        result = mosaic.match(template)
         scores.append(result.best)
         image_means.append(float(result.per_image_best.mean()))
         row, col = result.per_image_location[result.best_image]
