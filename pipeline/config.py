@@ -115,7 +115,7 @@ class TrainingConfig:
     # of learning rate: each step multiplies them by (1 - generator_lr * generator_weight_decay). With
     # equalized weights the kernels start as N(0, 1) noise and Adam moves them ~lr per step, so after a few
     # thousand steps they are still mostly their random start; the decay fades it. On `tiny` decay 1 cleaned
-    # the basis functions at 400 steps but collapsed the prior samples by 1,600 (README "Why the basis
+    # the basis functions at 400 steps but collapsed the prior samples by 1,600 (docs/results.md "Why the basis
     # functions were colour speckle"), so it is off by default. 0 = plain Adam.
     generator_weight_decay: float = 0.0
     critic_lr: float = 7e-4
@@ -124,10 +124,10 @@ class TrainingConfig:
     # Eq. 15 sums D squared residuals / (2 sigma^2) per image, while the critic's energies stay near +-1
     # (critic_energy_l2), so at weight 1 Eq. 20 was 1e-4 of Step 3's gradient and changed nothing. The
     # share is logged per step (grad_norm_critic vs grad_norm_reconstruction); tiny's value was chosen on
-    # SWD over 4 seeds (README "A critic that matters"). Eq. 15 grows with the pixel count and Eq. 20 does
+    # SWD over 4 seeds (docs/results.md "A critic that matters"). Eq. 15 grows with the pixel count and Eq. 20 does
     # not: with the paper presets' own widths at 64 px, 1000 gave the critic 0.002-0.02 of the gradient over
     # the first 40 steps, 10000 gives 0.02-0.27, closing on tiny's 0.08-0.37 at 3000 over the same steps
-    # (README "The paper presets' critic weight"). Their effect on SWD at that scale is not measured.
+    # (docs/results.md "The paper presets' critic weight"). Their effect on SWD at that scale is not measured.
     critic_weight: float = 10000.0
     # Weight of an L2 penalty on the critic's energies, mean f(Y)^2 + mean f(g(Z^))^2, added to Eq. 21.
     # Eq. 21 alone is unbounded below: without it the energies drift to +-1e4 within a few hundred steps
@@ -266,12 +266,12 @@ def _tiny() -> Config:
     # Sized so a useful run finishes in minutes on 2 CPU cores: 32x32 images, narrow layers, fewer
     # Langevin steps. The sparsity pattern follows Table 1 (H*W/4 per channel at each spatial layer).
     # k, learning rate and Langevin settings were chosen by the sparse-vs-dense ablation on the demo data
-    # (README "What makes the sparse model learn"): the part layer conv8 keeps Table 1's H*W/4; fc4 keeps
+    # (docs/results.md "What makes the sparse model learn"): the part layer conv8 keeps Table 1's H*W/4; fc4 keeps
     # 16 of 128 channels (Table 1's 8 of 3200 has 25x more channels to choose from) and conv16 half its
     # positions, because with tiny's narrow layers the paper's ratios left the sparse arm 1.7x worse.
     # Standard weight scaling with lr 1e-3: with equalized weights Adam's step is ~lr of N(0, 1) kernels,
     # which after 1,600 steps were still 95-98 % their random draw; standard reached better holdout MSE
-    # and part NMI in 800 steps than equalized (lr 2e-3) in 1,600 (README "Where Adam's step lives").
+    # and part NMI in 800 steps than equalized (lr 2e-3) in 1,600 (docs/results.md "Where Adam's step lives").
     cfg = Config(preset="tiny")
     cfg.model = ModelConfig(
         resolution=32,
@@ -287,7 +287,7 @@ def _tiny() -> Config:
     cfg.langevin = LangevinConfig(steps=10, step_size=0.1, noise_sigma=0.1)
     # critic_weight 3000: Eq. 15 sums D squared residuals per image while the energy penalty keeps f near +-1,
     # so the weight carries that scale; at 3000 the critic's share of Step 3's gradient is material and it beats
-    # critic-off on SWD at equal steps over seeds, with both weight scalings (README "A critic that matters").
+    # critic-off on SWD at equal steps over seeds, with both weight scalings (docs/results.md "A critic that matters").
     cfg.training = TrainingConfig(batch_size=32, epochs=30.0, generator_lr=1e-3, generator_betas=[0.5, 0.999],
                                   critic_weight=3000.0)
     cfg.data = DataConfig(demo_images=1024, holdout_fraction=0.1)

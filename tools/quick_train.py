@@ -1,6 +1,6 @@
 """Single-process learning experiment: Algorithm 1 on one core, no Ray, no MLflow, then the evaluation.
 
-The README's "What makes the sparse model learn" rows come from this script: the same learner, model and
+The "What makes the sparse model learn" rows of docs/results.md come from this script: the same learner, model and
 evaluation as `sparsegen train` / `ablation`, without the pipeline around them, so that settings can be
 compared quickly (two at a time on a 2-core machine). Training images are held in memory and visited in a
 seeded random order; latents persist per example (one LatentBank over the whole train split).

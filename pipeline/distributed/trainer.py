@@ -20,7 +20,7 @@ from pipeline.runtime import ensure_demo_data, ensure_shards, init_ray, resolve_
 # about 3x in speed here (README). So the demo trains for a fixed wall time, DEMO_TRAIN_MINUTES, leaving
 # room for Ray's start and the end-of-training evaluation, and stops earlier at DEMO_MAX_STEPS on fast
 # machines. The batch per worker is DEMO_WORKER_BATCH_SIZE: 2 workers x 16 = tiny's batch of 32 per step,
-# which reconstructed better than 2 x 32 in the same minutes (README "The two commands").
+# which reconstructed better than 2 x 32 in the same minutes (docs/results.md, "`make demo`").
 DEMO_MAX_STEPS = 800
 DEMO_TRAIN_MINUTES = 5.5
 DEMO_WORKER_BATCH_SIZE = 16

@@ -228,7 +228,7 @@ def matching_score(generator, images_pm1, layer: str, *, latent_dim: int, num_la
         for b, s, loc in zip(bases, result["scores"], result["locations"])
     ]
     # How many different channels the score is a mean over: a dictionary that puts one pattern in most of the
-    # scored slots scores that one pattern many times (README, "Chasing the matching target").
+    # scored slots scores that one pattern many times (docs/results.md, "Chasing the matching target").
     result["channels"] = len({b.unit.channel for b, s in zip(bases, result["scores"]) if s is not None})
     result.update({"layer": layer, "colour": colour, "crop": crop, "num_latents": num_latents,
                    "units_per_latent": units_per_latent, "num_images": int(images.shape[0]), "seed": seed})
