@@ -39,7 +39,7 @@ def test_ablation_two_arms_table_json_and_mlflow(ray_session, demo_shards, tmp_p
     assert set(summary["arms"]) == {"sparse", "dense"} and set(summary["untrained"]) == {"sparse", "dense"}
     expected = {"holdout_mse_pm1", "matching_score_conv8", "matching_score_conv8_image_mean",
                 "matching_score_conv8_field", "matching_score_conv8_field_image_mean", "matching_channels_conv8",
-                "parts_purity_conv8", "parts_purity_chance_conv8", "parts_nmi_conv8"}
+                "matching_reference_blob_conv8", "matching_reference_holdout_conv8", "parts_purity_conv8", "parts_purity_chance_conv8", "parts_nmi_conv8"}
     from pipeline.evaluation.orchestration import METRICS
 
     if "swd" in METRICS:

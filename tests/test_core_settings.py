@@ -147,6 +147,9 @@ def test_matching_layer_chooses_the_scored_layer(demo_data, tmp_path):  # noqa: 
     metrics, artifacts = _evaluate(cfg, demo_data, ["matching"], tmp_path)
     assert math.isfinite(metrics["matching_score_conv16"])
     assert not any(name.endswith("conv8") for name in metrics)
+    # The reference points are scored in that layer's boxes too (demo data has a holdout split).
+    assert {"matching_reference_blob_conv16", "matching_reference_holdout_conv16"} <= set(metrics)
+    assert all(-1 <= metrics[f"matching_reference_{k}_conv16"] <= 1 for k in ("blob", "holdout"))
 
 
 def test_fid_samples_and_inception_weights_reach_fid(demo_data, tmp_path, monkeypatch):  # noqa: F811 - fixture

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from skimage.feature import match_template
 
-from pipeline.evaluation.matching import ImageMosaic, match_basis_functions, matchable, matching_score
+from pipeline.evaluation.matching import (ImageMosaic, dark_blob_patterns, image_patch_patterns, match_basis_functions,
+                                         matchable, matching_score, reference_scores)
 from tests.test_eval_fixtures import tiny_generator  # noqa: F401 - fixture
 
 
@@ -120,3 +121,48 @@ def test_field_crop_scores_equal_windows_of_the_full_basis_function(tiny_generat
     assert all(tuple(u["box"])[1] - tuple(u["box"])[0] == 8 for u in field["units"])
     with pytest.raises(ValueError, match="crop must be one of support, field"):
         matching_score(generator, images, "conv8", latent_dim=cfg.model.latent_dim, crop="box")
+
+
+def test_reference_patterns_sit_in_the_boxes_they_are_given():
+    boxes = [(0, 6, 2, 10), (4, 9, 4, 9), (1, 4, 0, 3)]
+    blobs = dark_blob_patterns(boxes)
+    assert [b.shape for b in blobs] == [(3, 6, 8), (3, 5, 5), (3, 3, 3)]
+    for blob in blobs:  # dark in the centre, equal in the three channels
+        assert np.array_equal(blob[0], blob[1]) and np.array_equal(blob[0], blob[2])
+        assert blob[0].min() == blob[0][blob.shape[1] // 2, blob.shape[2] // 2] < blob[0][0, 0] < 0
+    holdout = np.arange(2 * 3 * 12 * 12, dtype=np.float64).reshape(2, 3, 12, 12)
+    patches = image_patch_patterns(boxes, holdout)
+    assert np.array_equal(patches[0], holdout[0, :, 0:6, 2:10])
+    assert np.array_equal(patches[1], holdout[1, :, 4:9, 4:9])
+    assert np.array_equal(patches[2], holdout[0, :, 1:4, 0:3])  # the boxes cycle over the images
+    with pytest.raises(ValueError, match="at least one image"):
+        image_patch_patterns(boxes, holdout[:0])
+
+
+def test_reference_scores_find_a_planted_blob_and_their_own_patches():
+    boxes = [(2, 10, 3, 11), (5, 11, 5, 11)]
+    images = _images(n=4, side=16, seed=3)
+    blob = dark_blob_patterns([boxes[0]])[0]
+    images[2, 4:12, 6:14] = np.moveaxis(blob, 0, -1) * 0.7 + 0.2  # an affine copy of the first box's blob
+    # Patches cut from the very images they are matched against score 1; a blob planted in one image does too,
+    # so the blob reference (a mean over both boxes) is at least halfway there.
+    scores = reference_scores(boxes, images, np.moveaxis(images, -1, 1))
+    assert scores["holdout"] == pytest.approx(1.0, abs=1e-6)
+    assert 0.5 < scores["blob"] < 1.0
+    assert set(reference_scores(boxes, images, None)) == {"blob"}
+    other = reference_scores(boxes, images, np.moveaxis(_images(n=4, side=16, seed=9), -1, 1))
+    assert other["holdout"] < 0.99  # unrelated noise patches do not match exactly
+
+
+def test_matching_score_reports_references_in_the_scored_boxes(tiny_generator):
+    import torch
+
+    cfg, generator = tiny_generator
+    images = torch.rand(6, 3, 32, 32) * 2 - 1
+    kwargs = dict(latent_dim=cfg.model.latent_dim, num_latents=2, units_per_latent=3)
+    assert "reference" not in matching_score(generator, images, "conv8", **kwargs)
+    result = matching_score(generator, images, "conv8", references=True, holdout_pm1=images[:2], **kwargs)
+    boxes = [tuple(u["box"]) for u in result["units"] if u["score"] is not None]
+    images_hwc = np.moveaxis(images.numpy().astype(np.float64), 1, -1)
+    assert result["reference"] == pytest.approx(reference_scores(boxes, images_hwc, images[:2].numpy()))
+    assert set(result["reference"]) == {"blob", "holdout"}

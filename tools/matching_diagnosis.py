@@ -15,10 +15,11 @@ each of 8 Z's, support crop, gray NCC over the first 100 training images) four w
 * ``holdout_patches``: not the model's patterns but real image parts in their place: each ``frozen`` basis
   function's crop box filled with the pixels of a holdout image (the i-th box from holdout image i mod 64),
   scored the same way. It is what a basis function that looked exactly like a part of an unseen image, at
-  the same size and place, would score: the ceiling of Table 4's number on these data;
+  the same size and place, would score: the ceiling of Table 4's number on these data (the pipeline reports
+  it as ``matching_reference_holdout_conv8``, with one holdout image per box);
 * ``dark_blobs``: each box filled with the same meaningless pattern, a dark isotropic Gaussian (sigma a
   quarter of the box side) on a zero ground, in all three channels: what a dictionary of one generic blob
-  scores, a floor for "part-like".
+  scores, a floor for "part-like" (``matching_reference_blob_conv8`` in the pipeline).
 
 ``weights_from_init`` says how much of each trained weight tensor is still its random start: per layer,
 the coefficient c of W0 in W (W projected on the initial draw W0 of ``initial_generator``, 1 = untouched)
@@ -45,7 +46,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.evaluation.basis import active_units, basis_functions, forward_with_masks  # noqa: E402
-from pipeline.evaluation.matching import match_basis_functions  # noqa: E402
+from pipeline.evaluation.matching import dark_blob_patterns, image_patch_patterns, match_basis_functions  # noqa: E402
 from pipeline.evaluation.orchestration import read_images  # noqa: E402
 from pipeline.learning.learner import infer_latents, initial_generator  # noqa: E402
 
@@ -94,22 +95,6 @@ def score(generator, z, images_hwc, open_blocks: tuple[str, ...] = (), per_chann
     return score_patterns([b.image for b in units_and_bases(generator, z, open_blocks, per_channel)], images_hwc)
 
 
-def dark_blobs(boxes) -> list[np.ndarray]:
-    """One dark Gaussian blob (3, h, w) per crop box (see the docstring)."""
-    patches = []
-    for y0, y1, x0, x1 in boxes:
-        h, w = y1 - y0, x1 - x0
-        rows, cols = np.mgrid[:h, :w]
-        blob = -np.exp(-0.5 * (((rows - (h - 1) / 2) / (h / 4)) ** 2 + ((cols - (w - 1) / 2) / (w / 4)) ** 2))
-        patches.append(np.repeat(blob[None], 3, axis=0))
-    return patches
-
-
-def holdout_patches(boxes, holdout_chw: np.ndarray) -> list[np.ndarray]:
-    """The i-th crop box cut from holdout image i mod N (see the docstring)."""
-    return [holdout_chw[i % len(holdout_chw), :, y0:y1, x0:x1] for i, (y0, y1, x0, x1) in enumerate(boxes)]
-
-
 def weights_from_init(cfg, generator) -> dict:
     """{weight name: {"init_coefficient": c, "relative_change": ||W - W0|| / ||W0||}} for every kernel."""
     start = initial_generator(cfg).state_dict()
@@ -146,8 +131,8 @@ def main(argv: list[str] | None = None) -> int:
         "open_all": score(generator, prior, images_hwc, tuple(blocks[1:])),
         "posterior": score(generator, posterior, images_hwc),
         "per_channel": score(generator, prior, images_hwc, per_channel=True),
-        "holdout_patches": score_patterns(holdout_patches(boxes, holdout.numpy().astype(np.float64)), images_hwc),
-        "dark_blobs": score_patterns(dark_blobs(boxes), images_hwc),
+        "holdout_patches": score_patterns(image_patch_patterns(boxes, holdout.numpy()), images_hwc),
+        "dark_blobs": score_patterns(dark_blob_patterns(boxes), images_hwc),
         # How far the latents of real images lie from N(0, I): 1 for the prior.
         "posterior_latent_std": float(posterior.std()),
         "weights_from_init": weights_from_init(cfg, generator),

@@ -28,7 +28,9 @@ def register(subparsers) -> None:
             "and budget as Ray Train runs, a Ray Tune grid over the arms (each a nested MLflow child run of one "
             "parent run). Then evaluate each trained arm and its untrained initialisation (same seed, the "
             "generator before any step): holdout_mse_pm1, swd (when available), matching_score_<layer> (max NCC, "
-            "crop to support), _image_mean, _field (fixed projective-field window) and, on demo data, parts "
+            "crop to support), _image_mean, _field (fixed projective-field window), the reference points "
+            "matching_reference_blob_<layer> / _holdout_<layer> (a dark blob / unseen image patches in the same "
+            "boxes) and, on demo data, parts "
             "purity / NMI. Prints the table with sparse/dense ratios and logs ablation.json, ablation.md and a "
             "side-by-side PNG of the arms' part-level basis functions into the parent run."
         ),

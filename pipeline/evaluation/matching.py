@@ -31,6 +31,14 @@ image. Basis functions with an empty or single-pixel support, or whose matched t
 gray: constant luminance, even where the colours vary), cannot be normalised and are skipped (counted in
 ``skipped``).
 
+**Reference points** (``reference_scores``): the score has no natural scale (an untrained model already
+scores 0.3-0.5 on the demo data), so two patterns are scored in the very crop boxes of the scored basis
+functions, against the same images: ``holdout`` fills each box with the pixels of an unseen holdout image
+at the same place (the i-th box from holdout image i mod N): what a basis function that looked exactly like
+a real image part would score, the ceiling on these data; ``blob`` fills each box with one dark isotropic
+Gaussian (sigma a quarter of the box side), a generic pattern that stands for no part. A basis function
+that scores near ``blob`` is no more part-like than a dot.
+
 Speed: instead of one match_template call per (basis function, image), the images are tiled into one mosaic
 and matched in a single FFT call per basis function; only window positions lying wholly inside one tile are
 kept, and NCC is local to its window, so the result is the per-image NCC.
@@ -169,6 +177,37 @@ def match_basis_functions(patterns_chw: list[np.ndarray], images_hwc: np.ndarray
     }
 
 
+def dark_blob_patterns(boxes) -> list[np.ndarray]:
+    """One dark isotropic Gaussian (3, h, w) per crop box (y0, y1, x0, x1): sigma a quarter of each side, on a
+    zero ground, equal in the three channels (the ``blob`` reference of the module docstring)."""
+    patterns = []
+    for y0, y1, x0, x1 in boxes:
+        h, w = y1 - y0, x1 - x0
+        rows, cols = np.mgrid[:h, :w]
+        blob = -np.exp(-0.5 * (((rows - (h - 1) / 2) / (h / 4)) ** 2 + ((cols - (w - 1) / 2) / (w / 4)) ** 2))
+        patterns.append(np.repeat(blob[None], 3, axis=0))
+    return patterns
+
+
+def image_patch_patterns(boxes, images_chw: np.ndarray) -> list[np.ndarray]:
+    """The i-th crop box cut from image i mod N of ``images_chw`` (N, 3, H, W) (the ``holdout`` reference)."""
+    images = np.asarray(images_chw, np.float64)
+    if len(images) == 0:
+        raise ValueError("image_patch_patterns needs at least one image")
+    return [images[i % len(images), :, y0:y1, x0:x1] for i, (y0, y1, x0, x1) in enumerate(boxes)]
+
+
+def reference_scores(boxes, images_hwc: np.ndarray, holdout_chw: np.ndarray | None, *,
+                     colour: str = "gray") -> dict[str, float]:
+    """Table 4's score of the two reference patterns (module docstring) in ``boxes``, against ``images_hwc``:
+    ``{"blob": ..., "holdout": ...}``; ``holdout`` only when holdout images are given."""
+    out = {"blob": match_basis_functions(dark_blob_patterns(boxes), images_hwc, colour=colour)["score"]}
+    if holdout_chw is not None and len(holdout_chw):
+        out["holdout"] = match_basis_functions(image_patch_patterns(boxes, holdout_chw), images_hwc,
+                                               colour=colour)["score"]
+    return out
+
+
 def field_box(layer: str, y: int, x: int, resolution: int, cells: float = FIELD_CELLS) -> tuple[int, int, int, int]:
     """(y0, y1, x0, x1) of the ``"field"`` crop: a square of ``cells`` x R/S pixels (at least 2, at most the
     image) centred on the unit's projective-field centre, shifted to lie inside the image."""
@@ -208,17 +247,23 @@ def units_for_matching(generator, layer: str, *, latent_dim: int, num_latents: i
     return bases
 
 
+def _numpy(images):
+    return np.asarray(images.detach().cpu().numpy() if hasattr(images, "detach") else images, np.float64)
+
+
 def matching_score(generator, images_pm1, layer: str, *, latent_dim: int, num_latents: int = 8,
                    units_per_latent: int = 8, seed: int = 0, colour: str = "gray", progress: bool = False,
-                   crop: str = "support", field_cells: float = FIELD_CELLS) -> dict:
+                   crop: str = "support", field_cells: float = FIELD_CELLS, references: bool = False,
+                   holdout_pm1=None) -> dict:
     """Table 4's mean matching score of ``layer``'s basis functions against ``images_pm1`` (N, 3, H, W).
 
     ``crop``: ``"support"`` (Table 4) or ``"field"`` (a fixed ``field_cells`` x R/S window); see the module
     docstring. Returns the ``match_basis_functions`` dict plus ``"units"`` (the scored units as dicts),
-    ``"channels"`` (how many distinct channels the scored units belong to) and the settings.
+    ``"channels"`` (how many distinct channels the scored units belong to) and the settings. ``references``:
+    also ``"reference"``, the ``reference_scores`` in the boxes of the scored basis functions (``holdout``
+    from ``holdout_pm1`` (M, 3, H, W) when given).
     """
-    images = np.moveaxis(np.asarray(images_pm1.detach().cpu().numpy() if hasattr(images_pm1, "detach") else images_pm1,
-                                    np.float64), 1, -1)
+    images = np.moveaxis(_numpy(images_pm1), 1, -1)
     bases = units_for_matching(generator, layer, latent_dim=latent_dim, num_latents=num_latents,
                                units_per_latent=units_per_latent, seed=seed, crop=crop, field_cells=field_cells)
     result = match_basis_functions([b.image for b in bases], images, colour=colour, progress=progress)
@@ -234,4 +279,8 @@ def matching_score(generator, images_pm1, layer: str, *, latent_dim: int, num_la
                    "units_per_latent": units_per_latent, "num_images": int(images.shape[0]), "seed": seed})
     if crop == "field":
         result["field_cells"] = field_cells
+    if references:
+        boxes = [b.box for b, s in zip(bases, result["scores"]) if s is not None]
+        holdout = None if holdout_pm1 is None else _numpy(holdout_pm1)
+        result["reference"] = reference_scores(boxes, images, holdout, colour=colour) if boxes else {}
     return result

@@ -10,7 +10,10 @@ Metric names carry their ranges/layers; all are floats:
 * ``matching_score_<layer>`` (Table 4), ``matching_score_<layer>_image_mean``, ``matching_units_<layer>``,
   ``matching_channels_<layer>`` (distinct channels among the scored units: 1 means one pattern scored many
   times), ``matching_images``; ``matching_score_<layer>_field`` and ``matching_score_<layer>_field_image_mean``:
-  the same with the fixed projective-field window as crop rule: see ``matching.py``.
+  the same with the fixed projective-field window as crop rule: see ``matching.py``;
+  ``matching_reference_blob_<layer>`` and ``matching_reference_holdout_<layer>`` (the latter when the data has
+  a holdout split): the score of a dark Gaussian blob and of unseen image patches in the same crop boxes,
+  the reference points of ``matching.py``.
 * ``tree_nodes``, ``tree_roots``: see ``tree.py`` (the tree itself is an artifact).
 * ``parts_*_<layer>``: see ``parts.py`` (demo data only).
 * ``swd`` (x 1e3, mean over pyramid levels), ``swd_level<i>`` (level 0 = full resolution, the last = 16 px),
@@ -308,9 +311,15 @@ def _swd(cfg, generator, data_url, seed, settings) -> dict[str, float]:
 def _matching(cfg, generator, data_url, layer, out, seed, progress, artifacts, latents, per_latent, colour):
     from pipeline.evaluation.matching import matching_score
 
+    from pipeline.data import open_dataset
+
     _, images = read_images(data_url, "train", cfg.evaluation.matching_images, cfg.model.resolution)
+    # Unseen images for the "holdout" reference (matching.py): one per scored basis function at most.
+    num_holdout = min(open_dataset(data_url).num_holdout, latents * per_latent)
+    holdout = read_images(data_url, "holdout", num_holdout, cfg.model.resolution)[1] if num_holdout else None
     result = matching_score(generator, images, layer, latent_dim=cfg.model.latent_dim, num_latents=latents,
-                            units_per_latent=per_latent, seed=seed, colour=colour, progress=progress)
+                            units_per_latent=per_latent, seed=seed, colour=colour, progress=progress,
+                            references=True, holdout_pm1=holdout)
     # The second crop rule (matching.py: a fixed window of the unit's projective field, equal for every model).
     field = matching_score(generator, images, layer, latent_dim=cfg.model.latent_dim, num_latents=latents,
                            units_per_latent=per_latent, seed=seed, colour=colour, crop="field")
@@ -324,9 +333,10 @@ def _matching(cfg, generator, data_url, layer, out, seed, progress, artifacts, l
 
     bases = units_for_matching(generator, layer, latent_dim=cfg.model.latent_dim, num_latents=latents,
                                units_per_latent=per_latent, seed=seed)
+    scale = ", ".join(f"{name} {value:.3f}" for name, value in result["reference"].items())
     png = _basis_grid_png(result, [b.image for b in bases], out / f"matching_{layer}.png",
                           f"{layer} basis functions and their best NCC over {result['num_images']} training images "
-                          f"(mean {result['score']:.3f})")
+                          f"(mean {result['score']:.3f}; in the same boxes: {scale})")
     artifacts["matching_png"] = str(png)
     return {
         f"matching_score_{layer}": result["score"],
@@ -336,6 +346,7 @@ def _matching(cfg, generator, data_url, layer, out, seed, progress, artifacts, l
         f"matching_score_{layer}_field": field["score"],
         f"matching_score_{layer}_field_image_mean": field["image_mean_score"],
         "matching_images": float(result["num_images"]),
+        **{f"matching_reference_{name}_{layer}": value for name, value in result["reference"].items()},
     }
 
 
