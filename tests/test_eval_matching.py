@@ -166,3 +166,19 @@ def test_matching_score_reports_references_in_the_scored_boxes(tiny_generator):
     images_hwc = np.moveaxis(images.numpy().astype(np.float64), 1, -1)
     assert result["reference"] == pytest.approx(reference_scores(boxes, images_hwc, images[:2].numpy()))
     assert set(result["reference"]) == {"blob", "holdout"}
+
+
+def test_evaluate_matching_without_a_holdout_split_reports_the_blob_reference_only(tmp_path, tiny_generator):
+    import dataclasses
+    import math
+
+    from pipeline.data import make_demo_data
+    from pipeline.evaluation import evaluate
+
+    cfg, generator = tiny_generator
+    cfg = dataclasses.replace(cfg, evaluation=dataclasses.replace(cfg.evaluation, matching_images=8))
+    data = str(tmp_path / "no-holdout")
+    make_demo_data(data, n=10, size=32, seed=0, holdout_fraction=0.0)
+    metrics, _ = evaluate(cfg, generator, data, ["matching"], out_dir=tmp_path / "eval", progress=False)
+    assert math.isfinite(metrics["matching_reference_blob_conv8"])
+    assert "matching_reference_holdout_conv8" not in metrics
