@@ -69,8 +69,10 @@ def test_same_name_again_resumes_and_a_crash_restarts_from_the_last_checkpoint_i
     """The same run name again resumes the shared 2-worker run (steps 8 -> 10); rank 1 dies at step 9 (the
     worker process exits) and Ray Train restarts the worker group from the step-8 checkpoint on the shared
     directory. One Train run serves both checks (each run costs a worker-group start)."""
+    # Keep 3 checkpoints as the shared run does, so its steps 4 and 8 survive for test_latent_persistence
+    # whichever of the two files runs first.
     cfg = _cfg(demo_shards, "run.workers=2", "training.max_steps=10", "run.name=two-workers",
-               "run.crash_rank=1", "run.crash_at_step=9", "run.max_failures=2")
+               "run.crash_rank=1", "run.crash_at_step=9", "run.max_failures=2", "run.checkpoints_to_keep=3")
     result = train(cfg, workdir=str(workdir))
     assert result["resumed"] is True
     assert result["run_id"] == two_worker_result["run_id"]
