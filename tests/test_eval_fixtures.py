@@ -19,6 +19,16 @@ def demo_data(tmp_path_factory):
 
 
 @pytest.fixture
+def no_holdout_data(tmp_path):
+    """10 demo images at 32 px, all in the train split (no holdout split)."""
+    from pipeline.data import make_demo_data
+
+    data = str(tmp_path / "no-holdout")
+    make_demo_data(data, n=10, size=32, seed=0, holdout_fraction=0.0)
+    return data
+
+
+@pytest.fixture
 def tiny_generator():
     """(cfg, randomly initialised tiny SparseGenerator in eval mode), cheap Langevin settings."""
     from pipeline.config import load_config

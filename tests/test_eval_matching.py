@@ -6,7 +6,7 @@ from skimage.feature import match_template
 
 from pipeline.evaluation.matching import (ImageMosaic, dark_blob_patterns, image_patch_patterns, match_basis_functions,
                                          matchable, matching_score, reference_scores)
-from tests.test_eval_fixtures import tiny_generator  # noqa: F401 - fixture
+from tests.test_eval_fixtures import no_holdout_data, tiny_generator  # noqa: F401 - fixtures
 
 
 def _images(n=7, side=24, seed=0):
@@ -168,17 +168,15 @@ def test_matching_score_reports_references_in_the_scored_boxes(tiny_generator):
     assert set(result["reference"]) == {"blob", "holdout"}
 
 
-def test_evaluate_matching_without_a_holdout_split_reports_the_blob_reference_only(tmp_path, tiny_generator):
+def test_evaluate_matching_without_a_holdout_split_reports_the_blob_reference_only(tmp_path, tiny_generator,
+                                                                                   no_holdout_data):
     import dataclasses
     import math
 
-    from pipeline.data import make_demo_data
     from pipeline.evaluation import evaluate
 
     cfg, generator = tiny_generator
     cfg = dataclasses.replace(cfg, evaluation=dataclasses.replace(cfg.evaluation, matching_images=8))
-    data = str(tmp_path / "no-holdout")
-    make_demo_data(data, n=10, size=32, seed=0, holdout_fraction=0.0)
-    metrics, _ = evaluate(cfg, generator, data, ["matching"], out_dir=tmp_path / "eval", progress=False)
+    metrics, _ = evaluate(cfg, generator, no_holdout_data, ["matching"], out_dir=tmp_path / "eval", progress=False)
     assert math.isfinite(metrics["matching_reference_blob_conv8"])
     assert "matching_reference_holdout_conv8" not in metrics

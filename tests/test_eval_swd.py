@@ -14,7 +14,7 @@ from pipeline.evaluation.swd import (
     pyramid_resolutions,
     sliced_wasserstein_distance,
 )
-from tests.test_eval_fixtures import demo_data, tiny_generator  # noqa: F401 - fixtures
+from tests.test_eval_fixtures import demo_data, no_holdout_data, tiny_generator  # noqa: F401 - fixtures
 
 
 def _scenes(n, size=32, seed=0):
@@ -99,17 +99,15 @@ def test_evaluate_swd_on_demo_data(demo_data, tiny_generator, tmp_path):
     assert metrics["swd"] > 0
 
 
-def test_evaluate_swd_falls_back_to_train_images_and_caps_the_count(tmp_path, tiny_generator):
+def test_evaluate_swd_falls_back_to_train_images_and_caps_the_count(tmp_path, tiny_generator, no_holdout_data):
     import dataclasses
 
-    from pipeline.data import make_demo_data
     from pipeline.evaluation import evaluate
 
     cfg, generator = tiny_generator
     cfg = dataclasses.replace(cfg, evaluation=dataclasses.replace(cfg.evaluation, swd_images=6))
-    data = str(tmp_path / "no-holdout")
-    make_demo_data(data, n=10, size=32, seed=0, holdout_fraction=0.0)
-    metrics, artifacts = evaluate(cfg, generator, data, ["swd"], out_dir=tmp_path / "eval", progress=False)
+    metrics, artifacts = evaluate(cfg, generator, no_holdout_data, ["swd"], out_dir=tmp_path / "eval",
+                                  progress=False)
     settings = json.loads(open(artifacts["summary"]).read())["settings"]["swd"]
     assert settings["reference_split"].startswith("train")
     assert metrics["swd_images"] == 6

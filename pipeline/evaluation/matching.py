@@ -259,7 +259,8 @@ def matching_score(generator, images_pm1, layer: str, *, latent_dim: int, num_la
 
     ``crop``: ``"support"`` (Table 4) or ``"field"`` (a fixed ``field_cells`` x R/S window); see the module
     docstring. Returns the ``match_basis_functions`` dict plus ``"units"`` (the scored units as dicts),
-    ``"channels"`` (how many distinct channels the scored units belong to) and the settings. ``references``:
+    ``"channels"`` (how many distinct channels the scored units belong to), ``"patterns"`` (the basis functions
+    (3, h, w) as cropped and matched, for pictures; not JSON) and the settings. ``references``:
     also ``"reference"``, the ``reference_scores`` in the boxes of the scored basis functions (``holdout``
     from ``holdout_pm1`` (M, 3, H, W) when given).
     """
@@ -275,6 +276,7 @@ def matching_score(generator, images_pm1, layer: str, *, latent_dim: int, num_la
     # How many different channels the score is a mean over: a dictionary that puts one pattern in most of the
     # scored slots scores that one pattern many times (docs/results.md, "Chasing the matching target").
     result["channels"] = len({b.unit.channel for b, s in zip(bases, result["scores"]) if s is not None})
+    result["patterns"] = [b.image for b in bases]
     result.update({"layer": layer, "colour": colour, "crop": crop, "num_latents": num_latents,
                    "units_per_latent": units_per_latent, "num_images": int(images.shape[0]), "seed": seed})
     if crop == "field":

@@ -309,9 +309,8 @@ def _swd(cfg, generator, data_url, seed, settings) -> dict[str, float]:
 
 
 def _matching(cfg, generator, data_url, layer, out, seed, progress, artifacts, latents, per_latent, colour):
-    from pipeline.evaluation.matching import matching_score
-
     from pipeline.data import open_dataset
+    from pipeline.evaluation.matching import matching_score
 
     _, images = read_images(data_url, "train", cfg.evaluation.matching_images, cfg.model.resolution)
     # Unseen images for the "holdout" reference (matching.py): one per scored basis function at most.
@@ -324,17 +323,13 @@ def _matching(cfg, generator, data_url, layer, out, seed, progress, artifacts, l
     field = matching_score(generator, images, layer, latent_dim=cfg.model.latent_dim, num_latents=latents,
                            units_per_latent=per_latent, seed=seed, colour=colour, crop="field")
     path = out / f"matching_{layer}.json"
-    document = {k: v for k, v in result.items() if k not in ("scores", "image_mean", "locations")}
-    document["field"] = {k: v for k, v in field.items() if k not in ("scores", "image_mean", "locations")}
+    per_pattern = ("scores", "image_mean", "locations", "patterns")
+    document = {k: v for k, v in result.items() if k not in per_pattern}
+    document["field"] = {k: v for k, v in field.items() if k not in per_pattern}
     path.write_text(json.dumps(document, indent=1))
     artifacts["matching_json"] = str(path)
-    # Re-draw the scored basis functions for the figure (cheap: one batched propagation).
-    from pipeline.evaluation.matching import units_for_matching
-
-    bases = units_for_matching(generator, layer, latent_dim=cfg.model.latent_dim, num_latents=latents,
-                               units_per_latent=per_latent, seed=seed)
     scale = ", ".join(f"{name} {value:.3f}" for name, value in result["reference"].items())
-    png = _basis_grid_png(result, [b.image for b in bases], out / f"matching_{layer}.png",
+    png = _basis_grid_png(result, result["patterns"], out / f"matching_{layer}.png",
                           f"{layer} basis functions and their best NCC over {result['num_images']} training images "
                           f"(mean {result['score']:.3f}; in the same boxes: {scale})")
     artifacts["matching_png"] = str(png)

@@ -154,7 +154,8 @@ def headline_columns(layer: str, available: set[str] | None = None) -> list[str]
     """The table's columns, in order (those not measured are dropped when ``available`` is given)."""
     columns = ["holdout_mse_pm1", "swd", f"matching_score_{layer}", f"matching_score_{layer}_image_mean",
                f"matching_score_{layer}_field", f"matching_score_{layer}_field_image_mean", f"matching_channels_{layer}",
-               f"matching_reference_blob_{layer}", f"matching_reference_holdout_{layer}", f"parts_purity_{layer}", f"parts_purity_chance_{layer}", f"parts_nmi_{layer}"]
+               f"matching_reference_blob_{layer}", f"matching_reference_holdout_{layer}",
+               f"parts_purity_{layer}", f"parts_purity_chance_{layer}", f"parts_nmi_{layer}"]
     if available is None:
         return columns
     return [c for c in columns if c in available]
